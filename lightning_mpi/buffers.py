@@ -1,0 +1,55 @@
+"""Flat communication buffers: many tensors moved with one collective per bucket."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+#: Default bucket capacity. Without overlap of communication and backward, one large allreduce beats several
+#: small ones (per-call latency dominates below ~1 MB), so most models fit in a single bucket.
+DEFAULT_BUCKET_MB = 25.0
+
+
+class Bucket:
+    """One flat tensor holding ``tensors`` back to back, plus ``views``: per-tensor views into it."""
+
+    def __init__(self, tensors: Sequence[Tensor], extra: int = 0) -> None:
+        self.tensors = list(tensors)
+        first = self.tensors[0]
+        sizes = [t.numel() for t in self.tensors]
+        self.flat = torch.zeros(sum(sizes) + extra, dtype=first.dtype, device=first.device)
+        self.views = [v.view_as(t) for v, t in zip(self.flat[: sum(sizes)].split(sizes), self.tensors)]
+        #: the trailing ``extra`` elements, free for the caller (e.g. one flag per tensor)
+        self.tail = self.flat[sum(sizes) :]
+
+    def pack(self) -> Tensor:
+        """Copy the tensors' current values into the flat buffer and return it."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.views, [t.detach() for t in self.tensors])
+        return self.flat
+
+    def unpack(self) -> None:
+        """Copy the flat buffer's values back into the tensors."""
+        with torch.no_grad():
+            torch._foreach_copy_([t.detach() for t in self.tensors], self.views)
+
+
+def bucketize(tensors: Iterable[Tensor], cap_mb: float = DEFAULT_BUCKET_MB, extra_per_tensor: int = 0) -> list[Bucket]:
+    """Group ``tensors`` into buckets of one dtype and device, each at most ``cap_mb`` (a larger tensor gets its own).
+
+    Order is kept within each group, so every rank builds the same buckets from the same model.
+    ``extra_per_tensor`` reserves that many trailing elements per tensor in each bucket's ``tail``.
+    """
+    cap = max(1, int(cap_mb * 2**20))
+    groups: dict[tuple[torch.dtype, torch.device], list[list[Tensor]]] = {}
+    for t in tensors:
+        chunks = groups.setdefault((t.dtype, t.device), [[]])
+        current = chunks[-1]
+        used = sum(x.numel() * x.element_size() for x in current)
+        if current and used + t.numel() * t.element_size() > cap:
+            chunks.append([t])
+        else:
+            current.append(t)
+    return [Bucket(chunk, extra_per_tensor * len(chunk)) for chunks in groups.values() for chunk in chunks if chunk]

@@ -1,0 +1,434 @@
+"""Every mpi4py call of lightning-mpi lives in this module.
+
+The rest of the package talks to a :class:`Communicator`: the MPI one when the process was started by an MPI
+launcher, or its single-process twin otherwise (so a plain ``python train.py`` never initialises MPI and
+behaves like a single-device run). Nothing here knows about Lightning.
+
+Tensors cross the wire as buffers: a contiguous CPU tensor is handed to MPI as a numpy view of its own
+memory (no copy). Anything else (non-contiguous, 16-bit floats for reductions, CUDA without a CUDA-aware MPI)
+is staged through a temporary host tensor and copied back.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any, Iterator, Literal
+
+import torch
+from torch import Tensor
+
+ReduceOpName = Literal["sum", "mean", "min", "max"]
+
+#: Environment variables set by the MPI launchers we know (Open MPI, MPICH/Hydra, Intel MPI, PMIx, srun --mpi).
+LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "MPI_LOCALNRANKS", "PALS_RANKID")
+
+# dtypes MPI can reduce directly through numpy; 16-bit floats are reduced in float32 (numpy has no bfloat16,
+# and MPI implementations do not reliably reduce half precision).
+_NUMPY_REDUCIBLE = {
+    torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
+}
+# For pure data movement (broadcast, gather) any dtype can travel as raw bits of the same width.
+_BIT_VIEWS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.bool: torch.uint8}
+
+
+def launched_by_mpi() -> bool:
+    """Whether an MPI launcher (mpirun, mpiexec, srun with an MPI plugin) started this process."""
+    return any(name in os.environ for name in LAUNCHER_VARIABLES)
+
+
+def launcher_rank() -> int:
+    """This process's rank as the launcher announced it, read without initialising MPI (0 if none did)."""
+    for name in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "PALS_RANKID"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete within the configured time on this rank."""
+
+
+class Communicator:
+    """Collective operations over a group of ranks; this base class is the single-process twin.
+
+    Every method is a collective: all ranks must call it, in the same order. Tensors are modified in place
+    where the name ends with an underscore.
+    """
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    node_rank: int = 0
+    num_nodes: int = 1
+    cuda_aware: bool = False
+
+    #: What the rank is doing (e.g. ``"step 12"``); shown in stall reports. Assigning it costs nothing.
+    context: str = ""
+
+    def allreduce_(self, tensor: Tensor, op: ReduceOpName = "sum") -> Tensor:
+        """Reduce ``tensor`` across ranks in place and return it. ``"mean"`` needs a floating-point tensor."""
+        _check_op(tensor, op)
+        return tensor
+
+    def broadcast_(self, tensor: Tensor, root: int = 0) -> Tensor:
+        """Overwrite ``tensor`` on every rank with the values of rank ``root``."""
+        return tensor
+
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        """Return rank ``root``'s picklable ``obj`` on every rank."""
+        return obj
+
+    def allgather(self, tensor: Tensor) -> list[Tensor]:
+        """Return every rank's tensor, in rank order. First dimensions may differ between ranks."""
+        return [tensor.clone()]
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        """Return every rank's picklable ``obj``, in rank order."""
+        return [obj]
+
+    def gather_object(self, obj: Any, root: int = 0) -> list[Any] | None:
+        """Return every rank's picklable ``obj`` on rank ``root`` (in rank order), ``None`` elsewhere."""
+        return [obj]
+
+    def barrier(self) -> None:
+        """Block until every rank has arrived."""
+
+    def abort(self, code: int = 1) -> None:
+        """End every rank of the job now."""
+        os._exit(code)
+
+    def bytes_sent(self) -> int:
+        """Payload bytes this rank contributed to reductions and broadcasts so far."""
+        return 0
+
+
+def _check_op(tensor: Tensor, op: str) -> None:
+    if op not in ("sum", "mean", "min", "max"):
+        raise ValueError(f"Unknown reduction {op!r}: use 'sum', 'mean', 'min' or 'max'.")
+    if op == "mean" and not (tensor.is_floating_point() or tensor.is_complex()):
+        raise TypeError(
+            f"A 'mean' over ranks of a {tensor.dtype} tensor would truncate: convert it to a floating-point dtype "
+            "first, or reduce with 'sum' and divide yourself."
+        )
+
+
+class MPICommunicator(Communicator):
+    """:class:`Communicator` over an mpi4py communicator (a duplicate of ``COMM_WORLD`` by default).
+
+    Args:
+        comm: the mpi4py communicator to use; it is duplicated so our traffic never mixes with the user's.
+        timeout: seconds a collective may take before the job is reported as stalled and aborted;
+            ``None`` disables stall detection.
+    """
+
+    def __init__(self, comm: Any = None, timeout: float | None = 600.0) -> None:
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        base = MPI.COMM_WORLD if comm is None else comm
+        self._comm = base.Dup()
+        self.rank = self._comm.Get_rank()
+        self.size = self._comm.Get_size()
+        self._local = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank = self._local.Get_rank()
+        self.local_size = self._local.Get_size()
+        leaders = self._comm.allgather(self.local_rank == 0)
+        leader_rank = self._local.bcast(self.rank, root=0)
+        self.node_rank = sum(leaders[:leader_rank])
+        self.num_nodes = sum(leaders)
+        self.cuda_aware = _detect_cuda_aware()
+        self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX}
+        self._bytes = 0
+        self._watchdog = _Watchdog(self, timeout) if timeout is not None and self.size > 1 else None
+
+    # -- buffers ---------------------------------------------------------------------------------------
+
+    def _wire(self, tensor: Tensor, reducing: bool) -> tuple[Tensor, bool]:
+        """The host tensor MPI reads and writes, and whether it is a staging copy to write back."""
+        on_host = tensor.device.type == "cpu" or (self.cuda_aware and tensor.device.type == "cuda")
+        if reducing and tensor.dtype not in _NUMPY_REDUCIBLE:
+            wire = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else torch.int64)
+            return wire, True
+        if on_host and tensor.is_contiguous() and tensor.device.type == "cpu":
+            view = tensor.detach()
+            return (view.view(_BIT_VIEWS[view.dtype]) if view.dtype in _BIT_VIEWS else view), False
+        staged = tensor.detach().to("cpu").contiguous()
+        return (staged.view(_BIT_VIEWS[staged.dtype]) if staged.dtype in _BIT_VIEWS else staged), True
+
+    @staticmethod
+    def _write_back(tensor: Tensor, wire: Tensor) -> None:
+        if wire.dtype != tensor.dtype and tensor.dtype in _BIT_VIEWS and wire.dtype == _BIT_VIEWS[tensor.dtype]:
+            wire = wire.view(tensor.dtype)
+        with torch.no_grad():
+            tensor.copy_(wire)
+
+    @contextmanager
+    def _collective(self, name: str) -> Iterator[None]:
+        if self._watchdog is None:
+            yield
+            return
+        self._watchdog.enter(name)
+        try:
+            yield
+        finally:
+            self._watchdog.exit()
+
+    # -- collectives -----------------------------------------------------------------------------------
+
+    def allreduce_(self, tensor: Tensor, op: ReduceOpName = "sum") -> Tensor:
+        _check_op(tensor, op)
+        if self.size == 1:
+            return tensor
+        wire, staged = self._wire(tensor, reducing=True)
+        if tensor.device.type == "cuda":
+            torch.cuda.current_stream(tensor.device).synchronize()
+        with self._collective(f"allreduce({op}, {tuple(tensor.shape)}, {tensor.dtype})"):
+            self._comm.Allreduce(self._MPI.IN_PLACE, wire.numpy(), op=self._ops[op])
+        self._bytes += wire.numel() * wire.element_size()
+        if staged:
+            self._write_back(tensor, wire)
+        if op == "mean":
+            with torch.no_grad():
+                tensor.div_(self.size)
+        return tensor
+
+    def broadcast_(self, tensor: Tensor, root: int = 0) -> Tensor:
+        if self.size == 1:
+            return tensor
+        wire, staged = self._wire(tensor, reducing=False)
+        with self._collective(f"broadcast({tuple(tensor.shape)}, {tensor.dtype}, root={root})"):
+            self._comm.Bcast(wire.numpy(), root=root)
+        self._bytes += wire.numel() * wire.element_size()
+        if staged:
+            self._write_back(tensor, wire)
+        return tensor
+
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        if self.size == 1:
+            return obj
+        with self._collective("broadcast_object"):
+            return self._comm.bcast(obj, root=root)
+
+    def allgather(self, tensor: Tensor) -> list[Tensor]:
+        if self.size == 1:
+            return [tensor.clone()]
+        shapes, dtype = _gather_layout(self.allgather_object((tuple(tensor.shape), tensor.dtype)))
+        tensor = tensor.to(dtype).reshape(shapes[self.rank])
+        wire, _ = self._wire(tensor, reducing=False)
+        counts = [_numel(shape) for shape in shapes]
+        out = torch.empty(sum(counts), dtype=wire.dtype)
+        with self._collective(f"allgather({tuple(tensor.shape)}, {tensor.dtype})"):
+            self._comm.Allgatherv(wire.numpy().reshape(-1), [out.numpy(), counts])
+        if dtype in _BIT_VIEWS:
+            out = out.view(dtype)
+        return [part.reshape(shape).to(tensor.device) for part, shape in zip(torch.split(out, counts), shapes)]
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        if self.size == 1:
+            return [obj]
+        with self._collective("allgather_object"):
+            return self._comm.allgather(obj)
+
+    def gather_object(self, obj: Any, root: int = 0) -> list[Any] | None:
+        if self.size == 1:
+            return [obj]
+        with self._collective("gather_object"):
+            return self._comm.gather(obj, root=root)
+
+    def barrier(self) -> None:
+        if self.size == 1:
+            return
+        with self._collective("barrier"):
+            self._comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._MPI.COMM_WORLD.Abort(code)
+
+    def bytes_sent(self) -> int:
+        return self._bytes
+
+    # -- used by the watchdog thread only ----------------------------------------------------------------
+
+    def _side_channel(self) -> Any:
+        return self._side
+
+    def _start_side_channel(self) -> None:
+        self._side = self._comm.Dup()
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _gather_layout(
+    layouts: list[tuple[tuple[int, ...], torch.dtype]],
+) -> tuple[list[tuple[int, ...]], torch.dtype]:
+    """Shapes to gather and the common dtype; empty tensors take the layout of the first non-empty one."""
+    filled = [(shape, dtype) for shape, dtype in layouts if _numel(shape) > 0]
+    if not filled:
+        return [shape for shape, _ in layouts], layouts[0][1]
+    template, dtype = filled[0]
+    for shape, other in filled:
+        if other != dtype or len(shape) != len(template) or shape[1:] != template[1:]:
+            listing = ", ".join(f"rank {r}: {tuple(s)} {d}" for r, (s, d) in enumerate(layouts))
+            raise ValueError(
+                "all_gather needs the same dtype and the same trailing dimensions on every rank (only the first "
+                f"dimension may differ); got {listing}."
+            )
+    empty = (0, *template[1:]) if template else (0,)
+    return [shape if _numel(shape) > 0 else empty for shape, _ in layouts], dtype
+
+
+@lru_cache(1)
+def _detect_cuda_aware() -> bool:
+    """Whether the loaded MPI library can read CUDA device memory (``LIGHTNING_MPI_CUDA_AWARE=0/1`` decides)."""
+    forced = os.environ.get("LIGHTNING_MPI_CUDA_AWARE")
+    if forced is not None:
+        return forced.strip().lower() in ("1", "true", "yes")
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import ctypes
+
+        maps = open("/proc/self/maps").read()
+        for path in sorted(set(re.findall(r"(\S*libmpi\S*\.so\S*)", maps))):
+            query = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support", None)
+            if query is not None:
+                return bool(query())
+    except OSError:
+        pass
+    return False
+
+
+class _Watchdog:
+    """Aborts the job when a collective stalls, after asking every rank what it is doing.
+
+    The hot path only stores the operation's name and start time. A daemon thread checks twice per second;
+    it also answers status queries from other ranks on a separate communicator, so the report of a stalled
+    rank can name what each other rank is doing (in which collective, or in none).
+    """
+
+    _QUERY, _REPLY = 7001, 7002
+
+    def __init__(self, comm: MPICommunicator, timeout: float) -> None:
+        self._comm = comm
+        self.timeout = timeout
+        self._stopped = threading.Event()
+        self._op: str | None = None
+        self._since = 0.0
+        self._count = 0
+        self._last = "none yet"
+        comm._start_side_channel()
+        self._thread = threading.Thread(target=self._run, name="lightning-mpi-watchdog", daemon=True)
+        self._thread.start()
+        # Runs before mpi4py's own atexit MPI_Finalize (atexit is last-in, first-out): no MPI call may follow it.
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=2.0)
+
+    def enter(self, name: str) -> None:
+        self._count += 1
+        self._since = time.monotonic()
+        self._op = name
+
+    def exit(self) -> None:
+        self._last = self._op or self._last
+        self._op = None
+
+    def _status(self) -> str:
+        op = self._op
+        if op is None:
+            return f"not in a collective ({self._comm.context or 'no step'}; last finished: #{self._count} {self._last})"
+        waited = time.monotonic() - self._since
+        return f"waiting {waited:.0f} s in #{self._count} {op} ({self._comm.context or 'no step'})"
+
+    def _run(self) -> None:
+        side = self._comm._side_channel()
+        period = min(0.5, self.timeout / 4)
+        while not self._stopped.wait(period):
+            self._answer_queries(side)
+            op = self._op
+            if op is not None and time.monotonic() - self._since > self.timeout:
+                self._report_and_abort(side, op)
+
+    def _answer_queries(self, side: Any) -> None:
+        MPI = self._comm._MPI
+        status = MPI.Status()
+        while side.Iprobe(source=MPI.ANY_SOURCE, tag=self._QUERY, status=status):
+            side.recv(source=status.Get_source(), tag=self._QUERY)
+            side.send(self._status(), dest=status.Get_source(), tag=self._REPLY)
+
+    def _report_and_abort(self, side: Any, op: str) -> None:
+        me = self._comm.rank
+        others = [r for r in range(self._comm.size) if r != me]
+        for r in others:
+            side.isend(None, dest=r, tag=self._QUERY)
+        replies: dict[int, str] = {}
+        deadline = time.monotonic() + min(5.0, max(1.0, self.timeout))
+        MPI = self._comm._MPI
+        status = MPI.Status()
+        while len(replies) < len(others) and time.monotonic() < deadline:
+            self._answer_queries(side)
+            if side.Iprobe(source=MPI.ANY_SOURCE, tag=self._REPLY, status=status):
+                replies[status.Get_source()] = side.recv(source=status.Get_source(), tag=self._REPLY)
+            else:
+                time.sleep(0.01)
+        lines = [f"rank {me}: {self._status()}"]
+        lines += [f"rank {r}: {replies.get(r, 'no answer (process busy outside MPI, or gone)')}" for r in others]
+        arrived = [me] + [r for r, s in replies.items() if s.startswith("waiting") and op in s]
+        missing = [r for r in range(self._comm.size) if r not in arrived]
+        print(
+            f"[lightning-mpi] rank {me}: collective {op} did not complete within {self.timeout:g} s "
+            f"({self._comm.context or 'no step'}). Ranks in this collective: {sorted(arrived)}; ranks that did "
+            f"not arrive: {missing}.\n  " + "\n  ".join(lines) + "\nAborting the job.",
+            file=sys.stderr,
+            flush=True,
+        )
+        self._comm.abort(3)
+
+
+_WORLD: Communicator | None = None
+
+
+def world(timeout: float | None = 600.0) -> Communicator:
+    """The communicator over all ranks of this job, created on first use (this initialises MPI if needed).
+
+    Under an MPI launcher (or once mpi4py has initialised MPI) it is an :class:`MPICommunicator`;
+    otherwise the single-process :class:`Communicator`, and MPI is never initialised.
+    """
+    global _WORLD
+    if _WORLD is None:
+        _WORLD = MPICommunicator(timeout=timeout) if launched_by_mpi() or _mpi_initialized() else Communicator()
+    elif isinstance(_WORLD, MPICommunicator) and _WORLD._watchdog is not None and timeout is not None:
+        _WORLD._watchdog.timeout = timeout
+    return _WORLD
+
+
+def _mpi_initialized() -> bool:
+    mod = sys.modules.get("mpi4py.MPI")
+    return bool(mod is not None and mod.Is_initialized() and mod.COMM_WORLD.Get_size() > 1)
+
+
+def abort_on_exception(comm: Communicator, exception: BaseException) -> None:
+    """Print ``exception`` with this rank's number, then end every rank of the job."""
+    tb = "".join(traceback.format_exception(type(exception), exception, exception.__traceback__))
+    print(f"[lightning-mpi] rank {comm.rank}/{comm.size} failed:\n{tb}", file=sys.stderr, flush=True)
+    comm.abort(1)
+

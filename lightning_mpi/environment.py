@@ -1,0 +1,79 @@
+"""Ranks for Lightning, read from the MPI communicator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from typing_extensions import override
+
+from lightning.fabric.plugins.environments.cluster_environment import ClusterEnvironment
+
+from lightning_mpi.comm import Communicator, launched_by_mpi, world
+
+
+class MPICommEnvironment(ClusterEnvironment):
+    """A :class:`ClusterEnvironment` whose ranks come from a :class:`~lightning_mpi.comm.Communicator`.
+
+    Unlike Lightning's own choice of environment, SLURM variables never override MPI ranks here: ``mpirun``
+    inside an ``sbatch`` allocation inherits ``SLURM_PROCID`` of the batch step, which is the same on every rank.
+    The communicator is only created when a rank is first asked for, so building this object is free.
+    """
+
+    def __init__(self, factory: Callable[[], Communicator] = world) -> None:
+        self._factory = factory
+        self._communicator: Communicator | None = None
+
+    @property
+    def communicator(self) -> Communicator:
+        if self._communicator is None:
+            self._communicator = self._factory()
+        return self._communicator
+
+    @property
+    def ready(self) -> bool:
+        """Whether the communicator exists (creating it is a collective, done in ``setup_environment``)."""
+        return self._communicator is not None
+
+    @property
+    @override
+    def creates_processes_externally(self) -> bool:
+        return True
+
+    @property
+    @override
+    def main_address(self) -> str:
+        return "localhost"
+
+    @property
+    @override
+    def main_port(self) -> int:
+        return 0
+
+    @staticmethod
+    @override
+    def detect() -> bool:
+        return launched_by_mpi()
+
+    @override
+    def world_size(self) -> int:
+        return self.communicator.size
+
+    @override
+    def set_world_size(self, size: int) -> None:
+        """Ignored: the MPI launcher decides the world size."""
+
+    @override
+    def global_rank(self) -> int:
+        return self.communicator.rank
+
+    @override
+    def set_global_rank(self, rank: int) -> None:
+        """Ignored: the MPI launcher decides the ranks."""
+
+    @override
+    def local_rank(self) -> int:
+        return self.communicator.local_rank
+
+    @override
+    def node_rank(self) -> int:
+        return self.communicator.node_rank

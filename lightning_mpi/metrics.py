@@ -1,0 +1,60 @@
+"""torchmetrics over MPI.
+
+torchmetrics synchronises a metric on ``compute()`` only when ``torch.distributed`` is initialised, which is
+never the case under :class:`~lightning_mpi.MPIStrategy`. :func:`sync_metrics` points every metric found in a
+module (including those inside ``ModuleDict`` and ``MetricCollection``) at an MPI all-gather instead. The
+strategy does this for the LightningModule during setup and before every evaluation loop; call it yourself for
+metrics that live outside the module::
+
+    from lightning_mpi import sync_metrics
+    accuracy = torchmetrics.Accuracy(task="multiclass", num_classes=10)
+    sync_metrics(accuracy)  # accuracy.compute() now covers all ranks
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+from torch.nn import Module
+
+from lightning_mpi.comm import Communicator, world
+
+
+class _MPIGather:
+    """A torchmetrics ``dist_sync_fn``: one tensor per rank, first dimensions may differ (cat states)."""
+
+    def __init__(self, comm: Communicator) -> None:
+        self.comm = comm
+
+    def __call__(self, tensor: Tensor, group: Any = None) -> list[Tensor]:
+        return self.comm.allgather(tensor)
+
+
+def sync_metrics(module: Module, comm: Communicator | None = None) -> int:
+    """Make every torchmetrics ``Metric`` in ``module`` (or ``module`` itself) sync over MPI on ``compute()``.
+
+    A metric that already has its own ``dist_sync_fn`` is left alone. Returns how many metrics were attached.
+    Must be called with the same metrics on every rank, since ``compute()`` becomes a collective.
+    """
+    from torchmetrics import Metric
+
+    comm = comm if comm is not None else world()
+    attached = 0
+    for sub in module.modules():
+        if not isinstance(sub, Metric):
+            continue
+        current = sub.dist_sync_fn
+        if current is None or isinstance(current, _MPIGather):
+            sub.dist_sync_fn = _MPIGather(comm)
+            sub.distributed_available_fn = _available(comm)
+            attached += 1
+    return attached
+
+
+def _available(comm: Communicator) -> Callable[[], bool]:
+    def available() -> bool:
+        return comm.size > 1
+
+    return available

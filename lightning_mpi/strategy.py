@@ -1,0 +1,408 @@
+"""MPIStrategy: data-parallel Lightning training over MPI (mpi4py), without a torch.distributed process group."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.types import ReduceOp
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor
+from torch.nn import Module
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_mpi import checkpoint as ckpt
+from lightning_mpi.buffers import DEFAULT_BUCKET_MB
+from lightning_mpi.comm import Communicator, abort_on_exception, launcher_rank, world
+from lightning_mpi.environment import MPICommEnvironment
+from lightning_mpi.metrics import sync_metrics
+from lightning_mpi.sampling import shard_evaluation_dataloader
+from lightning_mpi.sync import Ensemble, GradientAllreduce, ParameterAveraging, SyncPolicy
+from lightning_mpi.threads import choose_threads
+
+_REDUCE_OPS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
+
+
+class MPIStrategy(ParallelStrategy):
+    """Train one model replica per MPI rank; launch with ``mpirun -n N python train.py`` (or ``srun``).
+
+    Args:
+        sync: how ranks are combined. ``"allreduce"``: gradients averaged after every stepping backward
+            (synchronous data parallel). ``"average"``: local SGD, parameters and buffers averaged every
+            ``every_n_steps`` optimizer steps and/or ``every_n_epochs`` epochs, and always at the end of fit
+            (both ``None``: only then). ``"ensemble"``: every rank trains its own member, evaluation and
+            prediction combine the members by ``voting``.
+        every_n_steps, every_n_epochs, warmup_steps, average_optimizer_state: options of ``sync="average"``,
+            see :class:`~lightning_mpi.sync.ParameterAveraging`.
+        voting: ``"hard"`` (majority), ``"soft"`` (mean probability), ``"mean"`` or ``"median"`` (regression);
+            only for ``sync="ensemble"``.
+        seed: base seed of the ensemble members (default: the current torch seed); member ``r`` uses a seed
+            derived from it and ``r``.
+        bucket_mb: capacity of a flat communication buffer in MiB.
+        num_threads: torch threads per rank. Default: ``OMP_NUM_THREADS`` if set, else the cores this rank may
+            use divided by the ranks sharing them.
+        timeout: seconds any collective may take before the job is reported as stalled and aborted
+            (``None``: wait forever).
+        communicator: the :class:`~lightning_mpi.comm.Communicator` to use (default: all ranks of the job).
+    """
+
+    strategy_name = "mpi"
+
+    def __init__(
+        self,
+        sync: str = "allreduce",
+        *,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        warmup_steps: int = 0,
+        average_optimizer_state: bool = False,
+        voting: str | None = None,
+        seed: int | None = None,
+        bucket_mb: float = DEFAULT_BUCKET_MB,
+        num_threads: int | None = None,
+        timeout: float | None = 600.0,
+        communicator: Communicator | None = None,
+        accelerator: Accelerator | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        self._policy = _make_policy(
+            sync, every_n_steps, every_n_epochs, warmup_steps, average_optimizer_state, voting, seed, bucket_mb
+        )
+        factory: Callable[[], Communicator] = (lambda: communicator) if communicator else (lambda: world(timeout))
+        super().__init__(
+            accelerator=accelerator,
+            cluster_environment=MPICommEnvironment(factory),
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self._num_threads = num_threads
+        self._num_nodes = 1
+        self._sync_gradients = True
+
+    # -- ranks and devices ---------------------------------------------------------------------------------
+
+    @property
+    def comm(self) -> Communicator:
+        assert isinstance(self.cluster_environment, MPICommEnvironment)
+        return self.cluster_environment.communicator
+
+    @property
+    def policy(self) -> SyncPolicy:
+        """The object that decides how ranks are combined (gradient allreduce, averaging or ensemble)."""
+        return self._policy
+
+    @property
+    def is_distributed(self) -> bool:
+        return True
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        device = self.parallel_devices[0]
+        if device.type == "cuda":
+            return torch.device("cuda", self.local_rank % max(1, torch.cuda.device_count()))
+        return device
+
+    @property
+    @override
+    def global_rank(self) -> int:
+        if self._comm_ready:
+            return self.comm.rank
+        return launcher_rank()
+
+    @property
+    def _comm_ready(self) -> bool:
+        assert isinstance(self.cluster_environment, MPICommEnvironment)
+        return self.cluster_environment.ready
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
+
+    def set_world_ranks(self) -> None:
+        """Tell Lightning's rank-zero utilities who is rank 0 (no MPI call: the launcher's variables suffice)."""
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    @override
+    def setup_environment(self) -> None:
+        self._check_devices()
+        self.set_world_ranks()
+        threads = choose_threads(self._num_threads, self.comm.local_size)
+        torch.set_num_threads(threads.count)
+        rank_zero_info(
+            f"lightning-mpi: {self.comm.size} rank(s) on {self.comm.num_nodes} node(s), sync={self._policy.name}, {threads.count} torch thread(s) per rank ({threads.reason})"
+        )
+        super().setup_environment()
+
+    def _check_devices(self) -> None:
+        devices = len(self.parallel_devices or [])
+        if devices > 1:
+            raise ValueError(
+                f"MPIStrategy runs one device per MPI rank, but the Trainer was given {devices} devices per process. "
+                f"Drop `devices=` (or set devices=1) and start more ranks: mpirun -n {devices * self.num_nodes} ..."
+            )
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    # -- setup and teardown ------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        super().setup(trainer)
+        assert self.lightning_module is not None
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        self._policy.setup(self.comm, self.lightning_module, fitting=fitting, resuming=trainer.ckpt_path is not None)
+        sync_metrics(self.lightning_module, self.comm)
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        stage = trainer.state.stage if trainer is not None else None
+        if stage is None or stage == RunningStage.TRAINING:
+            return dataloader
+        replicas = 1 if self._policy.evaluates_all_samples else self.world_size
+        return shard_evaluation_dataloader(dataloader, replicas, self.global_rank if replicas > 1 else 0)
+
+    @override
+    def teardown(self) -> None:
+        super().teardown()
+
+    # -- communication for Lightning ---------------------------------------------------------------------
+
+    @override
+    def reduce(
+        self, tensor: Tensor | Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
+    ) -> Tensor | Any:
+        """Reduce ``tensor`` over all ranks; integer tensors averaged with ``"mean"`` come back as floats."""
+        if not isinstance(tensor, Tensor):
+            return tensor
+        op = _reduce_op_name(reduce_op)
+        out = tensor.detach().clone()
+        if op == "mean" and not out.is_floating_point():
+            out = out.double()
+        return self.comm.allreduce_(out, op)
+
+    @override
+    def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
+        """Stack every rank's tensor along a new first dimension (shapes must match, as under DDP)."""
+        if sync_grads:
+            raise NotImplementedError("MPIStrategy.all_gather does not propagate gradients (sync_grads=True).")
+        return torch.stack(self.comm.allgather(tensor.detach()))
+
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        self.comm.barrier()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return self.comm.broadcast_object(obj, src)
+
+    # -- gradients and steps -----------------------------------------------------------------------------
+
+    @contextmanager
+    @override
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Skip the gradient allreduce on micro-batches that do not step (gradient accumulation)."""
+        previous, self._sync_gradients = self._sync_gradients, False
+        try:
+            yield None
+        finally:
+            self._sync_gradients = previous
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        # Reduce between the precision plugin's backward and post_backward so that on_after_backward, gradient
+        # clipping and AMP unscaling all see averaged gradients.
+        self.pre_backward(closure_loss)
+        assert self.lightning_module is not None
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        self.precision_plugin.backward(closure_loss, self.lightning_module, optimizer, *args, **kwargs)
+        if self._sync_gradients and self._policy.syncs_gradients:
+            self._policy.after_backward(self.lightning_module)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    @override
+    def optimizer_step(
+        self, optimizer: Optimizer, closure: Callable[[], Any], model: LightningModule | Module | None = None, **kwargs: Any
+    ) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self.optimizers and _unwrap(optimizer) is _unwrap(self.optimizers[0]):
+            self._policy.after_optimizer_step(self.lightning_module, self.optimizers)
+        return output
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        trainer = self.lightning_module.trainer
+        self.comm.context = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+        if batch_idx == 0:
+            self._policy.on_train_epoch_start(self.lightning_module, self.optimizers, trainer.current_epoch)
+        self._agree_on_sigterm(trainer)
+
+    def _agree_on_sigterm(self, trainer: Trainer) -> None:
+        # Lightning shares a SIGTERM with torch.distributed only; share it over MPI so that every rank stops
+        # after this same batch.
+        if self.comm.size == 1:
+            return
+        flag = torch.tensor([1 if trainer.received_sigterm else 0], dtype=torch.int32)
+        if self.comm.allreduce_(flag, "max").item():
+            trainer._signal_connector.received_sigterm = True
+
+    @override
+    def on_train_end(self) -> None:
+        self._policy.on_train_end(self.lightning_module, self.optimizers)
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+
+    def _enter_evaluation(self) -> None:
+        assert self.lightning_module is not None
+        sync_metrics(self.lightning_module, self.comm)
+        self._evaluation = ExitStack()
+        self._evaluation.enter_context(self._policy.evaluation(self.lightning_module))
+
+    def _exit_evaluation(self) -> None:
+        evaluation = getattr(self, "_evaluation", None)
+        if evaluation is not None:
+            self._evaluation = None
+            evaluation.close()
+
+    @override
+    def on_validation_start(self) -> None:
+        self._enter_evaluation()
+
+    @override
+    def on_validation_end(self) -> None:
+        self._exit_evaluation()
+
+    @override
+    def on_test_start(self) -> None:
+        self._enter_evaluation()
+
+    @override
+    def on_test_end(self) -> None:
+        self._exit_evaluation()
+
+    @override
+    def on_predict_start(self) -> None:
+        self._enter_evaluation()
+
+    @override
+    def on_predict_end(self) -> None:
+        self._exit_evaluation()
+        trainer = self.lightning_module.trainer
+        if not self._policy.evaluates_all_samples and self.world_size > 1:
+            ckpt.gather_predictions(trainer.predict_loop, self.comm)
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        assert self.lightning_module is not None
+        return self._policy.model_state_dict(self.lightning_module)
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Write once (rank 0), atomically; an ensemble checkpoint holds every member."""
+        checkpoint["lightning_mpi"] = ckpt.strategy_state(self._policy, self.comm, checkpoint.get("state_dict"))
+        if self.is_global_zero:
+            ckpt.write_atomically(self.checkpoint_io, checkpoint, filepath, storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        state = checkpoint.get("lightning_mpi", {})
+        self._policy.load_state_dict(state.get("policy", {}))
+        members = state.get("members")
+        if members is not None and isinstance(self._policy, Ensemble):
+            checkpoint["state_dict"] = ckpt.member_for_rank(members, self.global_rank, self.world_size)
+        return checkpoint
+
+    # -- failures ------------------------------------------------------------------------------------------
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        """End the whole job: a rank that leaves alone would leave the others waiting forever."""
+        if self.world_size <= 1 or not self._comm_ready:
+            return
+        if isinstance(exception, SIGTERMException):
+            return  # every rank raises it after the same batch: a clean, collective stop
+        abort_on_exception(self.comm, exception)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="Data-parallel training over MPI (mpi4py)", override=True
+        )
+
+
+def _make_policy(
+    sync: str,
+    every_n_steps: int | None,
+    every_n_epochs: int | None,
+    warmup_steps: int,
+    average_optimizer_state: bool,
+    voting: str | None,
+    seed: int | None,
+    bucket_mb: float,
+) -> SyncPolicy:
+    averaging_options = every_n_steps is not None or every_n_epochs is not None or warmup_steps or average_optimizer_state
+    if sync != "average" and averaging_options:
+        raise ValueError(
+            "every_n_steps, every_n_epochs, warmup_steps and average_optimizer_state only apply to "
+            f"MPIStrategy(sync='average', ...), not sync={sync!r}."
+        )
+    if sync != "ensemble" and voting is not None:
+        raise ValueError(f"voting={voting!r} only applies to MPIStrategy(sync='ensemble'), not sync={sync!r}.")
+    if sync == "allreduce":
+        return GradientAllreduce(bucket_mb)
+    if sync == "average":
+        return ParameterAveraging(every_n_steps, every_n_epochs, warmup_steps, average_optimizer_state, bucket_mb)
+    if sync == "ensemble":
+        return Ensemble(voting or "hard", seed)
+    raise ValueError(f"sync={sync!r} is not known: choose 'allreduce', 'average' or 'ensemble'.")
+
+
+def _reduce_op_name(reduce_op: ReduceOp | str | None) -> str:
+    if reduce_op is None:
+        return "mean"
+    if isinstance(reduce_op, str):
+        key = reduce_op.lower()
+    else:
+        key = {ReduceOp.SUM: "sum", ReduceOp.MAX: "max", ReduceOp.MIN: "min"}.get(reduce_op, "")
+        if getattr(ReduceOp, "AVG", None) is not None and reduce_op == ReduceOp.AVG:
+            key = "mean"
+    if key not in _REDUCE_OPS:
+        raise ValueError(f"MPIStrategy.reduce does not support reduce_op={reduce_op!r}: use mean, sum, max or min.")
+    return _REDUCE_OPS[key]
+
+
+def _unwrap(optimizer: Any) -> Any:
+    return getattr(optimizer, "_optimizer", optimizer)
+

@@ -1,0 +1,311 @@
+"""How ranks are combined: one policy object per ``MPIStrategy(sync=...)``.
+
+The strategy calls these hooks at fixed points of Lightning's loop; every hook that communicates is reached
+by all ranks in the same order (the strategy makes sure of that), so no hook can deadlock on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+from torch.optim import Optimizer
+
+from lightning_mpi.buffers import DEFAULT_BUCKET_MB, Bucket, bucketize
+from lightning_mpi.comm import Communicator
+from lightning_mpi import voting
+
+
+def _floating_state(module: Module) -> list[Tensor]:
+    """Parameters and floating-point buffers (BatchNorm running statistics), in a fixed order."""
+    tensors = list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
+    return tensors
+
+
+def broadcast_module(comm: Communicator, module: Module, root: int = 0) -> None:
+    """Make every rank's parameters and buffers equal to those of rank ``root``."""
+    for bucket in bucketize(list(module.parameters()) + list(module.buffers())):
+        comm.broadcast_(bucket.pack(), root)
+        bucket.unpack()
+
+
+class SyncPolicy:
+    """Base policy: ranks train independently and nothing is communicated."""
+
+    name = "none"
+    #: evaluation and prediction see every sample on every rank (instead of a shard each)
+    evaluates_all_samples = False
+    #: gradients are averaged after backward (the strategy skips it on non-stepping micro-batches)
+    syncs_gradients = False
+
+    def __init__(self) -> None:
+        self.comm: Communicator = Communicator()
+
+    def setup(self, comm: Communicator, module: Module, fitting: bool, resuming: bool) -> None:
+        self.comm = comm
+
+    def after_backward(self, module: Module) -> None:
+        """Called after every backward whose gradients feed an optimizer step."""
+
+    def after_optimizer_step(self, module: Module, optimizers: list[Optimizer]) -> None:
+        """Called after the first optimizer of the module stepped."""
+
+    def on_train_epoch_start(self, module: Module, optimizers: list[Optimizer], epoch: int) -> None:
+        """Called before the first batch of every training epoch."""
+
+    def on_train_end(self, module: Module, optimizers: list[Optimizer]) -> None:
+        """Called once at the end of fit, on every rank."""
+
+    @contextmanager
+    def evaluation(self, module: Module) -> Iterator[None]:
+        """Context around validation, test and predict loops."""
+        yield
+
+    def model_state_dict(self, module: Module) -> dict[str, Any]:
+        """The model state a checkpoint holds (collective: called on every rank)."""
+        return module.state_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+class GradientAllreduce(SyncPolicy):
+    """Synchronous data parallelism: gradients are averaged over ranks after every backward that steps.
+
+    Replicas start from rank 0's parameters and buffers and stay identical because every rank applies the same
+    averaged gradient. Gradients travel in flat buckets of their own dtype (float64 stays float64).
+    A parameter whose gradient is ``None`` on some ranks receives the mean with zeros from those ranks; one
+    that has no gradient on any rank keeps ``grad=None``.
+    """
+
+    name = "allreduce"
+    syncs_gradients = True
+
+    def __init__(self, bucket_mb: float = DEFAULT_BUCKET_MB) -> None:
+        super().__init__()
+        self.bucket_mb = bucket_mb
+        self._buckets: list[Bucket] = []
+        self._params: list[list[torch.nn.Parameter]] = []
+
+    def setup(self, comm: Communicator, module: Module, fitting: bool, resuming: bool) -> None:
+        super().setup(comm, module, fitting, resuming)
+        broadcast_module(comm, module)
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        # The tail of each bucket carries one flag per parameter: how many ranks produced a gradient.
+        self._buckets = bucketize(trainable, self.bucket_mb, extra_per_tensor=1)
+        self._params = [list(b.tensors) for b in self._buckets]
+
+    def after_backward(self, module: Module) -> None:
+        if self.comm.size == 1:
+            return
+        for bucket, params in zip(self._buckets, self._params):
+            self._allreduce_bucket(bucket, params)
+
+    def _allreduce_bucket(self, bucket: Bucket, params: list[torch.nn.Parameter]) -> None:
+        with torch.no_grad():
+            for i, (p, view) in enumerate(zip(params, bucket.views)):
+                grad = p.grad
+                if grad is None:
+                    view.zero_()
+                    bucket.tail[i] = 0
+                else:
+                    if grad.data_ptr() != view.data_ptr():
+                        view.copy_(grad)
+                    bucket.tail[i] = 1
+            self.comm.allreduce_(bucket.flat, "mean")
+            for i, (p, view) in enumerate(zip(params, bucket.views)):
+                # The averaged gradient is handed out as a view of the bucket: no copy back.
+                p.grad = view if bucket.tail[i] > 0 else None
+
+
+class ParameterAveraging(SyncPolicy):
+    """Local SGD: ranks train alone on their shards and average their models periodically.
+
+    Every ``every_n_steps`` optimizer steps and/or every ``every_n_epochs`` epochs (both ``None``: only once,
+    at the end of fit: "train locally, then average"), all floating-point parameters and buffers are averaged
+    in place. The first ``warmup_steps`` steps use gradient allreduce instead (post-local SGD).
+
+    Optimizer state (momentum, Adam moments) is local by default: each rank keeps the statistics of its own
+    gradients, which is what local SGD analyses assume and costs nothing. With ``average_optimizer_state=True``
+    the floating-point optimizer state is averaged together with the parameters, so that after averaging every
+    rank continues from identical optimizer state too (replicas then diverge only through their data).
+
+    Validation, test and checkpoints always see the averaged model. Between averaging points the ranks' local
+    models are kept: evaluation averages into the model temporarily and restores the local weights afterwards,
+    and a checkpoint stores the averaged weights.
+    """
+
+    name = "average"
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        warmup_steps: int = 0,
+        average_optimizer_state: bool = False,
+        bucket_mb: float = DEFAULT_BUCKET_MB,
+    ) -> None:
+        super().__init__()
+        for label, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{label} must be a positive integer or None, got {value!r}.")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}.")
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self.warmup_steps = warmup_steps
+        self.average_optimizer_state = average_optimizer_state
+        self.steps = 0
+        self.averagings = 0
+        self._in_sync = True
+        self._gradients = GradientAllreduce(bucket_mb)
+        self._bucket_mb = bucket_mb
+        self._buckets: list[Bucket] = []
+
+    @property
+    def syncs_gradients(self) -> bool:  # type: ignore[override]
+        return self.steps < self.warmup_steps
+
+    def setup(self, comm: Communicator, module: Module, fitting: bool, resuming: bool) -> None:
+        super().setup(comm, module, fitting, resuming)
+        self._gradients.setup(comm, module, fitting, resuming)
+        self._buckets = bucketize(_floating_state(module), self._bucket_mb)
+        self._in_sync = True
+
+    def after_backward(self, module: Module) -> None:
+        if self.steps < self.warmup_steps:
+            self._gradients.after_backward(module)
+
+    def after_optimizer_step(self, module: Module, optimizers: list[Optimizer]) -> None:
+        self.steps += 1
+        self._in_sync = self.steps <= self.warmup_steps and self._in_sync
+        if self.every_n_steps is not None and self.steps > self.warmup_steps and self.steps % self.every_n_steps == 0:
+            self.average(optimizers)
+
+    def on_train_epoch_start(self, module: Module, optimizers: list[Optimizer], epoch: int) -> None:
+        if self.every_n_epochs is not None and epoch > 0 and epoch % self.every_n_epochs == 0:
+            self.average(optimizers)
+
+    def on_train_end(self, module: Module, optimizers: list[Optimizer]) -> None:
+        self.average(optimizers)
+
+    def average(self, optimizers: list[Optimizer] = ()) -> None:
+        """Average the model (and, if chosen, optimizer state) over ranks, in place."""
+        if self.comm.size > 1:
+            for bucket in self._buckets:
+                self.comm.allreduce_(bucket.pack(), "mean")
+                bucket.unpack()
+            if self.average_optimizer_state:
+                _average_optimizer_state(self.comm, optimizers, self._bucket_mb)
+        self.averagings += 1
+        self._in_sync = True
+
+    @contextmanager
+    def evaluation(self, module: Module) -> Iterator[None]:
+        if self._in_sync or self.comm.size == 1:
+            yield
+            return
+        local = [b.pack().clone() for b in self._buckets]
+        self.average()
+        self._in_sync = False
+        try:
+            yield
+        finally:
+            for bucket, saved in zip(self._buckets, local):
+                bucket.flat.copy_(saved)
+                bucket.unpack()
+
+    def model_state_dict(self, module: Module) -> dict[str, Any]:
+        if self._in_sync:
+            return module.state_dict()
+        with self.evaluation(module):
+            return {k: v.clone() for k, v in module.state_dict().items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "averagings": self.averagings}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state.get("steps", 0))
+        self.averagings = int(state.get("averagings", 0))
+
+
+def _average_optimizer_state(comm: Communicator, optimizers: list[Optimizer], bucket_mb: float) -> None:
+    tensors = [
+        value
+        for opt in optimizers
+        for state in opt.state.values()
+        for value in state.values()
+        if isinstance(value, Tensor) and value.is_floating_point() and value.dim() > 0
+    ]
+    for bucket in bucketize(tensors, bucket_mb):
+        comm.allreduce_(bucket.pack(), "mean")
+        bucket.unpack()
+
+
+class Ensemble(SyncPolicy):
+    """Every rank trains its own member on its own shard; evaluation combines the members.
+
+    Members start from different weights (re-initialised with a rank-dependent seed unless resuming) and see
+    different random streams. Validation, test and predict give every rank all samples in the same order; the
+    module's ``forward`` then returns the combined output of all members (see :mod:`lightning_mpi.voting`), so
+    metrics and predictions see the ensemble. ``member_outputs`` holds the last gathered per-member outputs
+    (``[members, batch, ...]``) for per-member metrics.
+    """
+
+    name = "ensemble"
+    evaluates_all_samples = True
+
+    def __init__(self, voting: str = "hard", seed: int | None = None) -> None:
+        super().__init__()
+        self.combine = combiner(voting)
+        self.voting = voting
+        self.seed = seed
+        self.member_outputs: Tensor | None = None
+
+    def setup(self, comm: Communicator, module: Module, fitting: bool, resuming: bool) -> None:
+        super().setup(comm, module, fitting, resuming)
+        if fitting and not resuming:
+            base = self.seed if self.seed is not None else torch.initial_seed()
+            torch.manual_seed((base + 7919 * comm.rank) % 2**63)
+            for sub in module.modules():
+                if sub is not module and callable(getattr(sub, "reset_parameters", None)):
+                    sub.reset_parameters()
+
+    @contextmanager
+    def evaluation(self, module: Module) -> Iterator[None]:
+        original = module.forward
+
+        def ensemble_forward(*args: Any, **kwargs: Any) -> Tensor:
+            out = original(*args, **kwargs)
+            members = torch.stack(self.comm.allgather(out.detach()))
+            self.member_outputs = members
+            return self.combine(members)
+
+        module.forward = ensemble_forward  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del module.forward
+
+    def model_state_dict(self, module: Module) -> dict[str, Any]:
+        return module.state_dict()
+
+
+def combiner(name: str) -> Callable[[Tensor], Tensor]:
+    """The function that turns stacked member outputs ``[members, batch, ...]`` into the ensemble's output."""
+    table = {
+        "hard": voting.hard_vote_scores,
+        "soft": voting.soft_vote_log_probs,
+        "mean": voting.mean_vote,
+        "median": voting.median_vote,
+    }
+    if name not in table:
+        raise ValueError(f"voting={name!r} is not known: choose one of {sorted(table)}.")
+    return table[name]

@@ -1,0 +1,84 @@
+"""Combining ensemble members: pure functions over stacked member outputs, usable without MPI.
+
+Every function takes ``outputs`` of shape ``[members, batch, ...]``: for classification the members' logits
+``[members, batch, classes]``, for regression their predictions ``[members, batch, ...]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def hard_vote(logits: Tensor) -> Tensor:
+    """Majority vote over the members' predicted classes; returns class indices ``[batch]``.
+
+    Ties go to the tied class with the larger summed probability, then to the lowest class index.
+
+    >>> logits = torch.tensor([[[2.0, 0.0, 0.0]], [[0.0, 2.0, 0.0]], [[0.0, 3.0, 0.0]]])
+    >>> hard_vote(logits)
+    tensor([1])
+    >>> tie = torch.tensor([[[3.0, 0.0]], [[0.0, 1.0]]])  # one vote each; member 0 is more confident
+    >>> hard_vote(tie)
+    tensor([0])
+    >>> hard_vote(torch.zeros(2, 1, 3))  # complete tie: lowest index
+    tensor([0])
+    """
+    return hard_vote_scores(logits).argmax(dim=-1)
+
+
+def hard_vote_scores(logits: Tensor) -> Tensor:
+    """Log vote shares ``[batch, classes]`` whose argmax is :func:`hard_vote` (usable as logits downstream).
+
+    The share of class ``c`` is its number of votes plus a tie-breaker below one vote (summed probability
+    over ``members + 1``), normalised to sum to one.
+
+    >>> logits = torch.tensor([[[2.0, 0.0]], [[2.0, 0.0]], [[0.0, 2.0]]])
+    >>> hard_vote_scores(logits).exp().sum(-1)
+    tensor([1.])
+    >>> hard_vote_scores(logits).argmax(-1)
+    tensor([0])
+    """
+    members, classes = logits.shape[0], logits.shape[-1]
+    probs = logits.float().softmax(dim=-1)
+    votes = torch.nn.functional.one_hot(logits.argmax(dim=-1), classes).sum(dim=0).to(probs.dtype)
+    scores = votes + probs.sum(dim=0) / (members + 1)
+    return (scores / scores.sum(dim=-1, keepdim=True)).log()
+
+
+def soft_vote(logits: Tensor) -> Tensor:
+    """Mean of the members' class probabilities, ``[batch, classes]``.
+
+    >>> logits = torch.tensor([[[0.0, 0.0]], [[0.0, 20.0]]])
+    >>> soft_vote(logits).round(decimals=3)
+    tensor([[0.2500, 0.7500]])
+    """
+    return logits.float().softmax(dim=-1).mean(dim=0)
+
+
+def soft_vote_log_probs(logits: Tensor) -> Tensor:
+    """Log of :func:`soft_vote`: a valid logit tensor (``softmax`` of it gives the mean probabilities back).
+
+    >>> logits = torch.tensor([[[0.0, 0.0]], [[0.0, 20.0]]])
+    >>> soft_vote_log_probs(logits).softmax(-1).round(decimals=3)
+    tensor([[0.2500, 0.7500]])
+    """
+    return soft_vote(logits).log()
+
+
+def mean_vote(outputs: Tensor) -> Tensor:
+    """Mean of the members' predictions (regression).
+
+    >>> mean_vote(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+    tensor([2., 4.])
+    """
+    return outputs.mean(dim=0)
+
+
+def median_vote(outputs: Tensor) -> Tensor:
+    """Median of the members' predictions (regression; robust to one bad member). Even counts take the lower one.
+
+    >>> median_vote(torch.tensor([[1.0], [2.0], [100.0]]))
+    tensor([2.])
+    """
+    return outputs.median(dim=0).values

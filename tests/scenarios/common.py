@@ -1,0 +1,122 @@
+"""Small models and data shared by the multi-rank scenarios and their single-process references."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from torch import nn
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+FEATURES = 6
+
+
+def regression_data(n: int, dtype: torch.dtype = torch.float32, seed: int = 1) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, FEATURES, generator=g, dtype=torch.float64)
+    y = x @ torch.linspace(-1, 1, FEATURES, dtype=torch.float64).unsqueeze(1) + 0.1 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    return TensorDataset(x.to(dtype), y.to(dtype))
+
+
+class Regressor(LightningModule):
+    """An MLP with a frozen parameter and one that never gets a gradient (both must survive syncing)."""
+
+    def __init__(self, optimizer: str = "sgd", lr: float = 0.05, manual: bool = False, log_rank: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = not manual
+        self.net = nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.frozen = nn.Parameter(torch.ones(3), requires_grad=False)
+        self.unused = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        if self.hparams.log_rank:
+            self.log("rank_mean", torch.tensor(float(self.global_rank)), sync_dist=True, on_step=False, on_epoch=True)
+            self.log("rank_sum", torch.tensor(float(self.global_rank)), sync_dist=True, reduce_fx="sum",
+                     on_step=False, on_epoch=True)
+        if self.automatic_optimization:
+            return loss
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return None
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+class FixedOrder(Sampler[int]):
+    def __init__(self, order: Sequence[int]) -> None:
+        self.order = list(order)
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def distributed_order(n: int, world: int, batch: int, epochs: int = 1, seed: int = 0) -> list[int]:
+    """The samples of each global step under Lightning's DistributedSampler, ranks' batches concatenated."""
+    order: list[int] = []
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        total = math.ceil(n / world) * world
+        perm += perm[: total - n]
+        shards = [perm[r:total:world] for r in range(world)]
+        for start in range(0, len(shards[0]), batch):
+            for shard in shards:
+                order += shard[start : start + batch]
+    return order
+
+
+CASES = {
+    # name: (module kwargs, trainer kwargs, dtype)
+    "sgd_momentum": ({"optimizer": "sgd"}, {}, torch.float32),
+    "adam_clip": ({"optimizer": "adam", "lr": 0.02}, {"gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"}, torch.float32),
+    "accumulate": ({"optimizer": "sgd"}, {"accumulate_grad_batches": 2}, torch.float32),
+    "manual": ({"optimizer": "sgd", "manual": True}, {}, torch.float32),
+    "float64": ({"optimizer": "adam", "lr": 0.02}, {"gradient_clip_val": 0.05}, torch.float64),
+}
+STEPS, BATCH = 20, 4
+
+
+def build(case: str, log_rank: bool = False) -> tuple[Regressor, torch.dtype, dict]:
+    module_kwargs, trainer_kwargs, dtype = CASES[case]
+    seed_everything(0)
+    model = Regressor(**module_kwargs, log_rank=log_rank).to(dtype)
+    return model, dtype, trainer_kwargs
+
+
+def samples_needed(case: str, world: int) -> int:
+    accumulate = CASES[case][1].get("accumulate_grad_batches", 1)
+    return STEPS * accumulate * BATCH * world
+
+
+def quiet_trainer(**kwargs) -> Trainer:
+    defaults = dict(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return Trainer(**defaults)
+
+
+def reference_parameters(case: str, world: int) -> dict[str, torch.Tensor]:
+    """One process, batch world*BATCH, the samples the ranks saw, in the same order."""
+    model, dtype, trainer_kwargs = build(case)
+    data = regression_data(samples_needed(case, world), dtype)
+    order = distributed_order(len(data), world, BATCH)
+    loader = DataLoader(data, batch_size=world * BATCH, sampler=FixedOrder(order))
+    quiet_trainer(max_steps=STEPS, devices=1, **trainer_kwargs).fit(model, loader)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

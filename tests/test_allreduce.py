@@ -1,0 +1,68 @@
+"""Gradient allreduce on real ranks equals one process training on the concatenated batches."""
+
+from __future__ import annotations
+
+import glob
+
+import pytest
+import torch
+
+from tests.mpirun import check, run_mpi
+from tests.scenarios.common import CASES, reference_parameters
+
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+def trained(request, tmp_path_factory) -> tuple[int, dict[str, list[dict]]]:
+    """Every case trained once per world size (one mpirun launch for all cases)."""
+    world = request.param
+    out = tmp_path_factory.mktemp(f"allreduce{world}")
+    check(run_mpi(world, ["-m", "tests.scenarios.equivalence", str(out)], timeout=240))
+    results = {
+        case: [torch.load(f, weights_only=False) for f in sorted(glob.glob(f"{out}/{case}.rank*.pt"))] for case in CASES
+    }
+    return world, results
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_equals_single_process_on_concatenated_batch(trained, case):
+    world, results = trained
+    ranks = results[case]
+    assert [r["world"] for r in ranks] == [world] * world, "the launch did not run the requested ranks"
+    reference = reference_parameters(case, world)
+    dtype = CASES[case][2]
+    for name, expected in reference.items():
+        diff = (ranks[0]["state"][name] - expected).abs().max().item()
+        assert diff <= TOLERANCE[dtype], f"{case}: {name} differs from one process by {diff}"
+    assert ranks[0]["global_step"] == 20
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_replicas_identical(trained, case):
+    _, results = trained
+    first = results[case][0]["state"]
+    for other in results[case][1:]:
+        for name, value in first.items():
+            assert torch.equal(other["state"][name], value), f"{case}: {name} differs between ranks"
+
+
+def test_parameter_without_gradient_stays_without(trained):
+    _, results = trained
+    assert all(r["unused_grad_is_none"] for rs in results.values() for r in rs)
+
+
+def test_sync_dist_logging_is_global(trained):
+    world, results = trained
+    for case, ranks in results.items():
+        steps = 20 * CASES[case][1].get("accumulate_grad_batches", 1)
+        for r in ranks:
+            assert r["rank_mean"] == pytest.approx((world - 1) / 2, abs=1e-12)
+            # reduce_fx="sum": summed over ranks at every step, then over the epoch's steps
+            assert r["rank_sum"] == pytest.approx(steps * world * (world - 1) / 2)
+
+
+def test_all_gather_stacks_ranks(trained):
+    world, results = trained
+    for r in results["sgd_momentum"]:
+        assert r["all_gather"].tolist() == [[rank, 7] for rank in range(world)]
