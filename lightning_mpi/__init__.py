@@ -4,13 +4,21 @@ Importing this package registers ``Trainer(strategy="mpi")`` and never initialis
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
+from lightning_mpi.comm import launched_by_mpi, launcher_rank
 from lightning_mpi.checkpoint import EnsembleModel, load_ensemble
 from lightning_mpi.metrics import sync_metrics
 from lightning_mpi.strategy import MPIStrategy
 from lightning_mpi.voting import hard_vote, mean_vote, median_vote, soft_vote
 
 MPIStrategy.register_strategies(StrategyRegistry)
+
+if launched_by_mpi():
+    # Only rank 0 prints and logs from the first line of the script on (seed_everything, Trainer construction),
+    # not just once the strategy is set up. The launcher's variables give the rank without initialising MPI.
+    rank_zero_only.rank = utils_rank_zero_only.rank = launcher_rank()
 
 __all__ = [
     "EnsembleModel",

@@ -15,13 +15,36 @@ from lightning_mpi.comm import Communicator
 from lightning_mpi.sync import Ensemble, SyncPolicy, combiner
 
 
-def strategy_state(policy: SyncPolicy, comm: Communicator, state_dict: dict[str, Any] | None) -> dict[str, Any]:
-    """What MPIStrategy adds to a checkpoint under ``"lightning_mpi"`` (collective: call on every rank)."""
+def strategy_state(
+    policy: SyncPolicy, comm: Communicator, module: Module, optimizer_states: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """What MPIStrategy adds to a checkpoint under ``"lightning_mpi"`` (collective: call on every rank).
+
+    Policies whose ranks hold different models or optimizer state (averaging between averagings, ensembles)
+    also store every rank's own model and optimizer state under ``"ranks"``, so a resumed job continues exactly
+    where each rank was; the checkpoint's ordinary ``state_dict`` stays the averaged model (or member 0).
+    """
     state: dict[str, Any] = {"sync": policy.name, "world_size": comm.size, "policy": policy.state_dict()}
+    if policy.ranks_differ:
+        own = {"state_dict": module.state_dict(), "optimizer_states": optimizer_states}
+        state["ranks"] = comm.gather_object(own, root=0)
     if isinstance(policy, Ensemble):
         state["voting"] = policy.voting
-        state["members"] = comm.gather_object(state_dict, root=0)
     return state
+
+
+def restore_rank_state(checkpoint: dict[str, Any], rank: int, world_size: int) -> None:
+    """Put this rank's own model and optimizer state (if the checkpoint has them) where Lightning loads from."""
+    ranks = checkpoint.get("lightning_mpi", {}).get("ranks")
+    if ranks is None:
+        return
+    if len(ranks) != world_size:
+        raise ValueError(
+            f"This checkpoint holds the state of {len(ranks)} ranks but the job runs {world_size}: resume it with "
+            f"mpirun -n {len(ranks)}. (An ensemble checkpoint also loads in one process with load_ensemble().)"
+        )
+    checkpoint["state_dict"] = ranks[rank]["state_dict"]
+    checkpoint["optimizer_states"] = ranks[rank]["optimizer_states"]
 
 
 def write_atomically(io: CheckpointIO, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
@@ -37,16 +60,6 @@ def write_atomically(io: CheckpointIO, checkpoint: dict[str, Any], filepath: Any
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def member_for_rank(members: list[dict[str, Any]], rank: int, world_size: int) -> dict[str, Any]:
-    """The ensemble member a rank resumes from."""
-    if len(members) != world_size:
-        raise ValueError(
-            f"This ensemble checkpoint holds {len(members)} members but the job runs {world_size} ranks: "
-            f"resume it with mpirun -n {len(members)}, or build a single-process model with load_ensemble()."
-        )
-    return members[rank]
 
 
 class EnsembleModel(Module):
@@ -77,8 +90,8 @@ def load_ensemble(path: str | os.PathLike, build: Callable[..., Module], map_loc
     """
     checkpoint = torch.load(path, map_location=map_location, weights_only=False)
     state = checkpoint.get("lightning_mpi", {})
-    members = state.get("members")
-    if not members:
+    members = [rank["state_dict"] for rank in state.get("ranks", [])]
+    if state.get("sync") != "ensemble" or not members:
         raise ValueError(f"{path} is not an ensemble checkpoint (written by MPIStrategy(sync='ensemble')).")
     hparams = checkpoint.get("hyper_parameters", {})
     modules = []

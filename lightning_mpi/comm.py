@@ -45,12 +45,21 @@ def launched_by_mpi() -> bool:
     return any(name in os.environ for name in LAUNCHER_VARIABLES)
 
 
-def launcher_rank() -> int:
-    """This process's rank as the launcher announced it, read without initialising MPI (0 if none did)."""
-    for name in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "PALS_RANKID"):
+def _launcher_value(names: tuple[str, ...], default: int) -> int:
+    for name in names:
         if name in os.environ:
             return int(os.environ[name])
-    return 0
+    return default
+
+
+def launcher_rank() -> int:
+    """This process's rank as the launcher announced it, read without initialising MPI (0 if none did)."""
+    return _launcher_value(("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "PALS_RANKID"), 0)
+
+
+def launcher_size() -> int:
+    """The number of ranks the launcher started, read without initialising MPI (1 if none did)."""
+    return _launcher_value(("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PALS_SIZE"), 1)
 
 
 class CollectiveTimeout(RuntimeError):
@@ -173,11 +182,12 @@ class MPICommunicator(Communicator):
             tensor.copy_(wire)
 
     @contextmanager
-    def _collective(self, name: str) -> Iterator[None]:
+    def _collective(self, kind: str, tensor: Tensor | None = None) -> Iterator[None]:
+        # The description is formatted only if a report is printed: the normal path stores two references.
         if self._watchdog is None:
             yield
             return
-        self._watchdog.enter(name)
+        self._watchdog.enter(kind, tensor)
         try:
             yield
         finally:
@@ -192,7 +202,7 @@ class MPICommunicator(Communicator):
         wire, staged = self._wire(tensor, reducing=True)
         if tensor.device.type == "cuda":
             torch.cuda.current_stream(tensor.device).synchronize()
-        with self._collective(f"allreduce({op}, {tuple(tensor.shape)}, {tensor.dtype})"):
+        with self._collective(f"allreduce({op})", tensor):
             self._comm.Allreduce(self._MPI.IN_PLACE, wire.numpy(), op=self._ops[op])
         self._bytes += wire.numel() * wire.element_size()
         if staged:
@@ -206,7 +216,7 @@ class MPICommunicator(Communicator):
         if self.size == 1:
             return tensor
         wire, staged = self._wire(tensor, reducing=False)
-        with self._collective(f"broadcast({tuple(tensor.shape)}, {tensor.dtype}, root={root})"):
+        with self._collective(f"broadcast(root={root})", tensor):
             self._comm.Bcast(wire.numpy(), root=root)
         self._bytes += wire.numel() * wire.element_size()
         if staged:
@@ -227,7 +237,7 @@ class MPICommunicator(Communicator):
         wire, _ = self._wire(tensor, reducing=False)
         counts = [_numel(shape) for shape in shapes]
         out = torch.empty(sum(counts), dtype=wire.dtype)
-        with self._collective(f"allgather({tuple(tensor.shape)}, {tensor.dtype})"):
+        with self._collective("allgather", tensor):
             self._comm.Allgatherv(wire.numpy().reshape(-1), [out.numpy(), counts])
         if dtype in _BIT_VIEWS:
             out = out.view(dtype)
@@ -332,6 +342,7 @@ class _Watchdog:
         self._op: str | None = None
         self._since = 0.0
         self._count = 0
+        self._tensor: Tensor | None = None
         self._last = "none yet"
         comm._start_side_channel()
         self._thread = threading.Thread(target=self._run, name="lightning-mpi-watchdog", daemon=True)
@@ -343,21 +354,26 @@ class _Watchdog:
         self._stopped.set()
         self._thread.join(timeout=2.0)
 
-    def enter(self, name: str) -> None:
+    def enter(self, kind: str, tensor: Tensor | None) -> None:
         self._count += 1
         self._since = time.monotonic()
-        self._op = name
+        self._tensor = tensor
+        self._op = kind
 
     def exit(self) -> None:
         self._last = self._op or self._last
         self._op = None
+
+    def _describe(self, kind: str) -> str:
+        tensor = self._tensor
+        return kind if tensor is None else f"{kind} of {tuple(tensor.shape)} {tensor.dtype}"
 
     def _status(self) -> str:
         op = self._op
         if op is None:
             return f"not in a collective ({self._comm.context or 'no step'}; last finished: #{self._count} {self._last})"
         waited = time.monotonic() - self._since
-        return f"waiting {waited:.0f} s in #{self._count} {op} ({self._comm.context or 'no step'})"
+        return f"waiting {waited:.0f} s in #{self._count} {self._describe(op)} ({self._comm.context or 'no step'})"
 
     def _run(self) -> None:
         side = self._comm._side_channel()
@@ -392,10 +408,11 @@ class _Watchdog:
                 time.sleep(0.01)
         lines = [f"rank {me}: {self._status()}"]
         lines += [f"rank {r}: {replies.get(r, 'no answer (process busy outside MPI, or gone)')}" for r in others]
-        arrived = [me] + [r for r, s in replies.items() if s.startswith("waiting") and op in s]
+        # Collectives are numbered in call order, identically on every rank: same number, same collective.
+        arrived = [me] + [r for r, s in replies.items() if s.startswith("waiting") and f" #{self._count} " in s]
         missing = [r for r in range(self._comm.size) if r not in arrived]
         print(
-            f"[lightning-mpi] rank {me}: collective {op} did not complete within {self.timeout:g} s "
+            f"[lightning-mpi] rank {me}: collective {self._describe(op)} did not complete within {self.timeout:g} s "
             f"({self._comm.context or 'no step'}). Ranks in this collective: {sorted(arrived)}; ranks that did "
             f"not arrive: {missing}.\n  " + "\n  ".join(lines) + "\nAborting the job.",
             file=sys.stderr,

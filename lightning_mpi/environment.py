@@ -8,7 +8,7 @@ from typing_extensions import override
 
 from lightning.fabric.plugins.environments.cluster_environment import ClusterEnvironment
 
-from lightning_mpi.comm import Communicator, launched_by_mpi, world
+from lightning_mpi.comm import Communicator, launched_by_mpi, launcher_rank, launcher_size, world
 
 
 class MPICommEnvironment(ClusterEnvironment):
@@ -54,9 +54,12 @@ class MPICommEnvironment(ClusterEnvironment):
     def detect() -> bool:
         return launched_by_mpi()
 
+    # Before the communicator exists (Trainer construction), ranks come from the launcher's variables: creating
+    # it is a collective, which must not happen where ranks need not be in lockstep.
+
     @override
     def world_size(self) -> int:
-        return self.communicator.size
+        return self.communicator.size if self.ready else launcher_size()
 
     @override
     def set_world_size(self, size: int) -> None:
@@ -64,7 +67,7 @@ class MPICommEnvironment(ClusterEnvironment):
 
     @override
     def global_rank(self) -> int:
-        return self.communicator.rank
+        return self.communicator.rank if self.ready else launcher_rank()
 
     @override
     def set_global_rank(self, rank: int) -> None:
@@ -72,8 +75,8 @@ class MPICommEnvironment(ClusterEnvironment):
 
     @override
     def local_rank(self) -> int:
-        return self.communicator.local_rank
+        return self.communicator.local_rank if self.ready else 0
 
     @override
     def node_rank(self) -> int:
-        return self.communicator.node_rank
+        return self.communicator.node_rank if self.ready else 0

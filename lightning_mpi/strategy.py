@@ -24,7 +24,7 @@ from typing_extensions import override
 
 from lightning_mpi import checkpoint as ckpt
 from lightning_mpi.buffers import DEFAULT_BUCKET_MB
-from lightning_mpi.comm import Communicator, abort_on_exception, launcher_rank, world
+from lightning_mpi.comm import Communicator, abort_on_exception, world
 from lightning_mpi.environment import MPICommEnvironment
 from lightning_mpi.metrics import sync_metrics
 from lightning_mpi.sampling import shard_evaluation_dataloader
@@ -105,7 +105,11 @@ class MPIStrategy(ParallelStrategy):
 
     @property
     def is_distributed(self) -> bool:
-        return True
+        """Lightning injects distributed samplers and honours ``sync_dist`` only if this is true.
+
+        A single rank is not distributed: it then behaves exactly like a single-device Trainer.
+        """
+        return self.world_size > 1
 
     @property
     def num_nodes(self) -> int:
@@ -123,13 +127,6 @@ class MPIStrategy(ParallelStrategy):
         if device.type == "cuda":
             return torch.device("cuda", self.local_rank % max(1, torch.cuda.device_count()))
         return device
-
-    @property
-    @override
-    def global_rank(self) -> int:
-        if self._comm_ready:
-            return self.comm.rank
-        return launcher_rank()
 
     @property
     def _comm_ready(self) -> bool:
@@ -329,7 +326,10 @@ class MPIStrategy(ParallelStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         """Write once (rank 0), atomically; an ensemble checkpoint holds every member."""
-        checkpoint["lightning_mpi"] = ckpt.strategy_state(self._policy, self.comm, checkpoint.get("state_dict"))
+        assert self.lightning_module is not None
+        checkpoint["lightning_mpi"] = ckpt.strategy_state(
+            self._policy, self.comm, self.lightning_module, checkpoint.get("optimizer_states", [])
+        )
         if self.is_global_zero:
             ckpt.write_atomically(self.checkpoint_io, checkpoint, filepath, storage_options)
 
@@ -338,9 +338,7 @@ class MPIStrategy(ParallelStrategy):
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         state = checkpoint.get("lightning_mpi", {})
         self._policy.load_state_dict(state.get("policy", {}))
-        members = state.get("members")
-        if members is not None and isinstance(self._policy, Ensemble):
-            checkpoint["state_dict"] = ckpt.member_for_rank(members, self.global_rank, self.world_size)
+        ckpt.restore_rank_state(checkpoint, self.global_rank, self.world_size)
         return checkpoint
 
     # -- failures ------------------------------------------------------------------------------------------

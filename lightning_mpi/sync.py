@@ -41,6 +41,8 @@ class SyncPolicy:
     evaluates_all_samples = False
     #: gradients are averaged after backward (the strategy skips it on non-stepping micro-batches)
     syncs_gradients = False
+    #: ranks may hold different models or optimizer state, so checkpoints keep every rank's own
+    ranks_differ = True
 
     def __init__(self) -> None:
         self.comm: Communicator = Communicator()
@@ -87,6 +89,7 @@ class GradientAllreduce(SyncPolicy):
 
     name = "allreduce"
     syncs_gradients = True
+    ranks_differ = False
 
     def __init__(self, bucket_mb: float = DEFAULT_BUCKET_MB) -> None:
         super().__init__()
@@ -97,6 +100,9 @@ class GradientAllreduce(SyncPolicy):
     def setup(self, comm: Communicator, module: Module, fitting: bool, resuming: bool) -> None:
         super().setup(comm, module, fitting, resuming)
         broadcast_module(comm, module)
+        self.build_buckets(module)
+
+    def build_buckets(self, module: Module) -> None:
         trainable = [p for p in module.parameters() if p.requires_grad]
         # The tail of each bucket carries one flag per parameter: how many ranks produced a gradient.
         self._buckets = bucketize(trainable, self.bucket_mb, extra_per_tensor=1)
@@ -175,7 +181,10 @@ class ParameterAveraging(SyncPolicy):
 
     def setup(self, comm: Communicator, module: Module, fitting: bool, resuming: bool) -> None:
         super().setup(comm, module, fitting, resuming)
-        self._gradients.setup(comm, module, fitting, resuming)
+        if not resuming:  # a resumed rank continues from its own model, stored in the checkpoint
+            broadcast_module(comm, module)
+        self._gradients.comm = comm
+        self._gradients.build_buckets(module)
         self._buckets = bucketize(_floating_state(module), self._bucket_mb)
         self._in_sync = True
 
@@ -198,14 +207,18 @@ class ParameterAveraging(SyncPolicy):
 
     def average(self, optimizers: list[Optimizer] = ()) -> None:
         """Average the model (and, if chosen, optimizer state) over ranks, in place."""
-        if self.comm.size > 1:
-            for bucket in self._buckets:
-                self.comm.allreduce_(bucket.pack(), "mean")
-                bucket.unpack()
-            if self.average_optimizer_state:
-                _average_optimizer_state(self.comm, optimizers, self._bucket_mb)
+        self._average_model()
+        if self.average_optimizer_state and self.comm.size > 1:
+            _average_optimizer_state(self.comm, optimizers, self._bucket_mb)
         self.averagings += 1
         self._in_sync = True
+
+    def _average_model(self) -> None:
+        if self.comm.size == 1:
+            return
+        for bucket in self._buckets:
+            self.comm.allreduce_(bucket.pack(), "mean")
+            bucket.unpack()
 
     @contextmanager
     def evaluation(self, module: Module) -> Iterator[None]:
@@ -213,8 +226,7 @@ class ParameterAveraging(SyncPolicy):
             yield
             return
         local = [b.pack().clone() for b in self._buckets]
-        self.average()
-        self._in_sync = False
+        self._average_model()
         try:
             yield
         finally:

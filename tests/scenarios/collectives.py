@@ -1,0 +1,73 @@
+"""Under mpirun: every collective of the communicator, with expectations derived from rank and size."""
+
+import sys
+
+import torch
+
+from lightning_mpi.comm import MPICommunicator, world
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8]
+
+
+def main() -> None:
+    comm = world()
+    assert isinstance(comm, MPICommunicator), type(comm)
+    rank, size = comm.rank, comm.size
+    assert size == int(sys.argv[1]), f"expected {sys.argv[1]} ranks, got {size}"
+
+    for dtype in DTYPES:
+        for op, expected in (("sum", sum(range(1, size + 1))), ("max", size), ("min", 1)):
+            t = torch.full((5,), rank + 1, dtype=dtype)
+            ptr = t.data_ptr()
+            comm.allreduce_(t, op)
+            assert t.data_ptr() == ptr and t.dtype == dtype, "allreduce_ must work in place"
+            assert torch.all(t == expected), (dtype, op, t)
+        if dtype.is_floating_point:
+            t = torch.full((3, 2), float(rank), dtype=dtype)
+            comm.allreduce_(t, "mean")
+            assert torch.allclose(t.double(), torch.full((3, 2), (size - 1) / 2, dtype=torch.float64)), (dtype, t)
+        else:
+            try:
+                comm.allreduce_(torch.ones(2, dtype=dtype), "mean")
+            except TypeError:
+                pass
+            else:
+                raise AssertionError("integer mean must be refused")
+
+    # zero-copy: a contiguous float32 tensor is reduced in its own memory; non-contiguous ones are staged
+    t = torch.arange(12.0).reshape(3, 4).t()
+    comm.allreduce_(t, "sum")
+    assert torch.equal(t, torch.arange(12.0).reshape(3, 4).t() * size)
+
+    # broadcast of tensors (every dtype, including 16-bit floats and bool) and objects
+    for dtype in DTYPES + [torch.bool]:
+        t = (torch.arange(4) + 10 * rank).to(dtype)
+        comm.broadcast_(t, root=size - 1)
+        assert torch.equal(t, (torch.arange(4) + 10 * (size - 1)).to(dtype)), (dtype, t)
+    obj = comm.broadcast_object({"rank": rank, "list": [rank] * 3}, root=0)
+    assert obj == {"rank": 0, "list": [0, 0, 0]}
+
+    # allgather with unequal first dimensions, and empty tensors from some ranks (torchmetrics cat states)
+    parts = comm.allgather(torch.full((rank + 1, 2), rank, dtype=torch.bfloat16))
+    assert [p.shape for p in parts] == [torch.Size([r + 1, 2]) for r in range(size)]
+    assert all(torch.all(p == r) for r, p in enumerate(parts))
+    parts = comm.allgather(torch.tensor([]) if rank == 0 else torch.ones(rank, 3, dtype=torch.int64))
+    assert parts[0].shape == (0, 3) and parts[0].dtype == torch.int64
+    try:
+        comm.allgather(torch.zeros(2, rank + 1))
+    except ValueError as err:
+        assert "trailing dimensions" in str(err)
+    else:
+        raise AssertionError("mismatched trailing dimensions must be refused")
+
+    assert comm.allgather_object(rank * 2) == [2 * r for r in range(size)]
+    gathered = comm.gather_object(rank, root=0)
+    assert gathered == (list(range(size)) if rank == 0 else None)
+    comm.barrier()
+    assert comm.local_size == size and comm.num_nodes == 1 and comm.node_rank == 0
+    assert comm.bytes_sent() > 0
+    print(f"rank {rank}: collectives ok")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Under mpirun: one rank fails (or stalls, or dies) in a chosen place; the job must end promptly."""
+
+import os
+import signal
+import sys
+import time
+
+import torch
+from lightning.pytorch import Callback
+from torch.utils.data import DataLoader
+
+from lightning_mpi import MPIStrategy
+from tests.scenarios.common import BATCH, Regressor, quiet_trainer, regression_data
+
+MODE = sys.argv[1]
+BAD_STEP = 2
+
+
+class Failing(Regressor):
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1 and batch_idx == BAD_STEP:
+            if MODE == "training_step":
+                raise RuntimeError("deliberate failure in training_step")
+            if MODE == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+        if MODE == "stall" and batch_idx == BAD_STEP:
+            if self.global_rank == 0:
+                self.trainer.strategy.barrier()  # rank 1 never arrives
+            else:
+                time.sleep(120)
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        if MODE == "validation" and self.global_rank == 1 and batch_idx == 1:
+            raise ValueError("deliberate failure in validation_step")
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self(x), y), sync_dist=True)
+
+
+class FailingCallback(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if MODE == "callback" and trainer.global_rank == 1 and batch_idx == BAD_STEP:
+            raise KeyError("deliberate failure in a callback")
+
+
+def main() -> None:
+    data = regression_data(64 * BATCH)
+    trainer = quiet_trainer(
+        strategy=MPIStrategy(timeout=3 if MODE == "stall" else 60),
+        max_epochs=2,
+        limit_val_batches=None,
+        callbacks=[FailingCallback()],
+    )
+    loader = DataLoader(data, batch_size=BATCH, shuffle=True)
+    trainer.fit(Failing(), loader, DataLoader(data, batch_size=BATCH))
+    print("finished without failing", flush=True)
+
+
+if __name__ == "__main__":
+    main()

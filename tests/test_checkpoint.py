@@ -1,0 +1,44 @@
+"""Checkpoints under 2 ranks: written once by rank 0, atomically, and resumed exactly on every rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.mpirun import check, run_mpi
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    check(run_mpi(2, ["-m", "tests.scenarios.checkpointing", str(out)], timeout=300))
+    return {
+        sync: [torch.load(out / f"{sync}.rank{r}.pt", weights_only=False) for r in range(2)]
+        for sync in ("allreduce", "average")
+    }
+
+
+@pytest.mark.parametrize("sync", ["allreduce", "average"])
+def test_written_once_without_leftovers(results, sync):
+    # one file per epoch plus last.ckpt; a second writer or a temporary file would show up here
+    assert results[sync][0]["files"] == ["epoch=0-step=6.ckpt", "epoch=1-step=12.ckpt", "last.ckpt"]
+
+
+@pytest.mark.parametrize("sync", ["allreduce", "average"])
+def test_resume_equals_uninterrupted_run_on_every_rank(results, sync):
+    for rank in results[sync]:
+        assert rank["epoch"] == 3
+        for name, value in rank["full"].items():
+            assert torch.equal(rank["resumed"][name], value), f"{sync}: {name} differs after resuming"
+
+
+def test_replicas_identical_after_resume(results):
+    a, b = results["allreduce"]
+    assert all(torch.equal(a["resumed"][k], b["resumed"][k]) for k in a["resumed"])
+
+
+def test_averaging_schedule_resumes(results):
+    # every_n_steps=4 over 18 steps: averaged at 4, 8, 12, 16 and at the end of fit
+    assert results["average"][0]["policy"] == {"steps": 18, "averagings": 5}
+    a, b = results["average"]
+    assert all(torch.equal(a["resumed"][k], b["resumed"][k]) for k in a["resumed"])

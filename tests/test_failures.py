@@ -1,0 +1,49 @@
+"""A failing, stalled or killed rank ends the whole job promptly, with a message naming the rank."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.mpirun import run_mpi
+
+# Start-up (imports, MPI_Init) takes ~5-10 s here: anything close to the timeout would be a hang.
+PROMPT = 60
+
+
+def launch(mode: str):
+    start = time.monotonic()
+    result = run_mpi(2, ["-m", "tests.scenarios.failing", mode], timeout=PROMPT)
+    return result, time.monotonic() - start
+
+
+@pytest.mark.parametrize(
+    "mode, message",
+    [
+        ("training_step", "RuntimeError: deliberate failure in training_step"),
+        ("validation", "ValueError: deliberate failure in validation_step"),
+        ("callback", "KeyError: 'deliberate failure in a callback'"),
+    ],
+)
+def test_exception_on_one_rank_ends_every_rank(mode, message):
+    result, _ = launch(mode)
+    assert result.returncode != 0
+    assert "[lightning-mpi] rank 1/2 failed" in result.stderr
+    assert message in result.stderr
+    assert "finished without failing" not in result.stdout
+
+
+def test_stalled_collective_is_reported_and_aborted():
+    result, _ = launch("stall")
+    assert result.returncode != 0
+    report = result.stderr
+    assert "collective barrier did not complete within 3 s (epoch 0, step 2)" in report
+    assert "ranks that did not arrive: [1]" in report
+    assert "rank 1: not in a collective" in report  # rank 1 answered: it is busy outside MPI
+
+
+def test_killed_rank_ends_the_job():
+    result, _ = launch("kill")
+    assert result.returncode != 0
+    assert "finished without failing" not in result.stdout
