@@ -90,6 +90,9 @@ class MPIStrategy(ParallelStrategy):
         self._num_threads = num_threads
         self._num_nodes = 1
         self._sync_gradients = True
+        #: payload bytes this rank sent in collectives during each training epoch (see ``sync="average"``)
+        self.bytes_per_epoch: list[int] = []
+        self._bytes_at_epoch_start: int | None = None
 
     # -- ranks and devices ---------------------------------------------------------------------------------
 
@@ -260,6 +263,8 @@ class MPIStrategy(ParallelStrategy):
         self.comm.context = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
         if batch_idx == 0:
             self._policy.on_train_epoch_start(self.lightning_module, self.optimizers, trainer.current_epoch)
+            self._close_epoch_bytes()
+            self._bytes_at_epoch_start = self.comm.bytes_sent()
         self._agree_on_sigterm(trainer)
 
     def _agree_on_sigterm(self, trainer: Trainer) -> None:
@@ -271,9 +276,15 @@ class MPIStrategy(ParallelStrategy):
         if self.comm.allreduce_(flag, "max").item():
             trainer._signal_connector.received_sigterm = True
 
+    def _close_epoch_bytes(self) -> None:
+        if self._bytes_at_epoch_start is not None:
+            self.bytes_per_epoch.append(self.comm.bytes_sent() - self._bytes_at_epoch_start)
+            self._bytes_at_epoch_start = None
+
     @override
     def on_train_end(self) -> None:
         self._policy.on_train_end(self.lightning_module, self.optimizers)
+        self._close_epoch_bytes()
 
     # -- evaluation ----------------------------------------------------------------------------------------
 

@@ -120,3 +120,45 @@ def reference_parameters(case: str, world: int) -> dict[str, torch.Tensor]:
     loader = DataLoader(data, batch_size=world * BATCH, sampler=FixedOrder(order))
     quiet_trainer(max_steps=STEPS, devices=1, **trainer_kwargs).fit(model, loader)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def digits_data() -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn's handwritten digits (8x8), standardised; a fixed 1,497 / 300 split."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    y = torch.tensor(y, dtype=torch.int64)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    return TensorDataset(x[300:], y[300:]), TensorDataset(x[:300], y[:300])
+
+
+class DigitClassifier(LightningModule):
+    """A small MLP with BatchNorm (its running statistics must be averaged too) and a test accuracy metric."""
+
+    def __init__(self, lr: float = 0.05, hidden: int = 32) -> None:
+        super().__init__()
+        import torchmetrics
+
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 10))
+        self.test_accuracy = torchmetrics.Accuracy(task="multiclass", num_classes=10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.test_accuracy(self(x), y)
+        self.log("test_acc", self.test_accuracy)
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
