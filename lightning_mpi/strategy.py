@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+import warnings
 from collections.abc import Callable, Generator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -14,7 +18,6 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
@@ -26,6 +29,7 @@ from lightning_mpi import checkpoint as ckpt
 from lightning_mpi.buffers import DEFAULT_BUCKET_MB
 from lightning_mpi.comm import Communicator, abort_on_exception, world
 from lightning_mpi.environment import MPICommEnvironment
+from lightning_mpi.failure import AbortOnFailure, abort_on_uncaught_exceptions, is_collective_stop
 from lightning_mpi.metrics import sync_metrics
 from lightning_mpi.sampling import shard_evaluation_dataloader
 from lightning_mpi.sync import Ensemble, GradientAllreduce, ParameterAveraging, SyncPolicy
@@ -90,6 +94,7 @@ class MPIStrategy(ParallelStrategy):
         self._num_threads = num_threads
         self._num_nodes = 1
         self._sync_gradients = True
+        self._sigterm_pending = False
         #: payload bytes this rank sent in collectives during each training epoch (see ``sync="average"``)
         self.bytes_per_epoch: list[int] = []
         self._bytes_at_epoch_start: int | None = None
@@ -149,6 +154,9 @@ class MPIStrategy(ParallelStrategy):
     def setup_environment(self) -> None:
         self._check_devices()
         self.set_world_ranks()
+        abort_on_uncaught_exceptions(self.comm)
+        # Lightning warns that evaluation samplers pad and duplicate samples; ours do not (process_dataloader).
+        warnings.filterwarnings("ignore", message="Using `DistributedSampler` with the dataloaders")
         threads = choose_threads(self._num_threads, self.comm.local_size)
         torch.set_num_threads(threads.count)
         rank_zero_info(
@@ -178,12 +186,15 @@ class MPIStrategy(ParallelStrategy):
         fitting = trainer.state.fn == TrainerFn.FITTING
         self._policy.setup(self.comm, self.lightning_module, fitting=fitting, resuming=trainer.ckpt_path is not None)
         sync_metrics(self.lightning_module, self.comm)
+        if not any(isinstance(cb, AbortOnFailure) for cb in trainer.callbacks):
+            trainer.callbacks.insert(0, AbortOnFailure(self.comm))
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
+        """Evaluation and prediction get unpadded contiguous shards (or, for an ensemble, every sample)."""
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         stage = trainer.state.stage if trainer is not None else None
-        if stage is None or stage == RunningStage.TRAINING:
+        if stage is None or stage == RunningStage.TRAINING or not trainer._accelerator_connector.use_distributed_sampler:
             return dataloader
         replicas = 1 if self._policy.evaluates_all_samples else self.world_size
         return shard_evaluation_dataloader(dataloader, replicas, self.global_rank if replicas > 1 else 0)
@@ -267,13 +278,25 @@ class MPIStrategy(ParallelStrategy):
             self._bytes_at_epoch_start = self.comm.bytes_sent()
         self._agree_on_sigterm(trainer)
 
+    @override
+    def on_train_start(self) -> None:
+        # Lightning reacts to SIGTERM where it arrives and shares it through torch.distributed only: the signalled
+        # rank would leave alone. Keep the signal to ourselves until all ranks agree (on_train_batch_start).
+        self._sigterm_pending = False
+        if self.comm.size > 1 and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._note_sigterm)
+
+    def _note_sigterm(self, signum: int, frame: Any) -> None:
+        print(f"[lightning-mpi] rank {self.global_rank} received SIGTERM: every rank stops after the next batch",
+              file=sys.stderr, flush=True)
+        self._sigterm_pending = True
+
     def _agree_on_sigterm(self, trainer: Trainer) -> None:
-        # Lightning shares a SIGTERM with torch.distributed only; share it over MPI so that every rank stops
-        # after this same batch.
         if self.comm.size == 1:
             return
-        flag = torch.tensor([1 if trainer.received_sigterm else 0], dtype=torch.int32)
+        flag = torch.tensor([1 if self._sigterm_pending else 0], dtype=torch.int32)
         if self.comm.allreduce_(flag, "max").item():
+            # Lightning raises SIGTERMException at the end of this batch, on every rank alike.
             trainer._signal_connector.received_sigterm = True
 
     def _close_epoch_bytes(self) -> None:
@@ -357,11 +380,9 @@ class MPIStrategy(ParallelStrategy):
     @override
     def on_exception(self, exception: BaseException) -> None:
         """End the whole job: a rank that leaves alone would leave the others waiting forever."""
-        if self.world_size <= 1 or not self._comm_ready:
-            return
-        if isinstance(exception, SIGTERMException):
-            return  # every rank raises it after the same batch: a clean, collective stop
-        abort_on_exception(self.comm, exception)
+        # Usually AbortOnFailure acted already; this covers failures before setup() installed it.
+        if self.world_size > 1 and self._comm_ready and not is_collective_stop(exception):
+            abort_on_exception(self.comm, exception)
 
     @classmethod
     @override

@@ -1,0 +1,155 @@
+"""Under mpirun: metrics, predictions, EarlyStopping and SIGTERM over several ranks."""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import torchmetrics
+from lightning.pytorch import LightningModule, seed_everything
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_mpi import MPIStrategy
+from lightning_mpi.comm import world
+from tests.scenarios.common import quiet_trainer
+
+SAMPLES = 101  # prime: never divisible by the number of ranks
+CLASSES = 4
+
+
+def dataset() -> TensorDataset:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(SAMPLES, 6, generator=g)
+    return TensorDataset(x, torch.randint(0, CLASSES, (SAMPLES,), generator=g), x.sum(1, keepdim=True))
+
+
+def batch_size(world_size: int) -> int:
+    return 10 if world_size == 2 else 11  # ranks end with unequal batch counts (6/5 and 4/4/3)
+
+
+class Evaluated(LightningModule):
+    """Classification and regression heads with metrics in a MetricCollection, a ModuleDict and a cat state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(6, CLASSES + 1)
+        self.classification = torchmetrics.MetricCollection(
+            {
+                "acc": torchmetrics.Accuracy(task="multiclass", num_classes=CLASSES),
+                "f1": torchmetrics.F1Score(task="multiclass", num_classes=CLASSES, average="macro"),
+            },
+            prefix="val_",
+        )
+        self.regression = nn.ModuleDict(
+            {"mse": torchmetrics.MeanSquaredError(), "rmse": torchmetrics.MeanSquaredError(squared=False)}
+        )
+        self.auroc = torchmetrics.AUROC(task="multiclass", num_classes=CLASSES)  # "cat" states
+        self.errors = torchmetrics.CatMetric()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def validation_step(self, batch, batch_idx):
+        x, y, target = batch
+        out = self(x)
+        logits, value = out[:, :CLASSES], out[:, CLASSES:]
+        self.classification.update(logits, y)
+        self.log_dict(self.classification)
+        for name, metric in self.regression.items():
+            metric.update(value, target)
+            self.log(f"val_{name}", metric)
+        self.auroc.update(logits, y)
+        self.log("val_auroc", self.auroc)
+        self.errors.update((value - target).abs().squeeze(1))
+        self.log("val_loss", nn.functional.mse_loss(value, target), sync_dist=True, batch_size=len(x))
+        self.log("val_count", float(len(x)), reduce_fx="sum", sync_dist=True)
+
+    def on_validation_epoch_end(self):
+        self.all_errors = self.errors.compute()
+        self.errors.reset()
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+
+def metrics(out: Path) -> None:
+    comm = world()
+    seed_everything(0)
+    model = Evaluated()
+    trainer = quiet_trainer(strategy=MPIStrategy(), limit_val_batches=None)
+    loader = DataLoader(dataset(), batch_size=batch_size(comm.size))
+    logged = trainer.validate(model, loader, verbose=False)[0]
+    predictions = torch.cat(trainer.predict(model, loader))
+    torch.save(
+        {"world": comm.size, "logged": logged, "errors": model.all_errors, "predictions": predictions},
+        out / f"metrics.rank{comm.rank}.pt",
+    )
+
+
+class RankPlateau(LightningModule):
+    """A rank-local validation score that stops improving after ``rank + 2`` epochs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(6, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        score = float(min(self.current_epoch, self.global_rank + 2))
+        self.log("score", score, on_epoch=True)  # deliberately not synced: ranks disagree
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def early_stopping(out: Path) -> None:
+    comm = world()
+    stop = EarlyStopping(monitor="score", mode="max", patience=1, min_delta=0.5)
+    trainer = quiet_trainer(strategy=MPIStrategy(), max_epochs=20, callbacks=[stop], limit_val_batches=None)
+    loader = DataLoader(dataset(), batch_size=batch_size(comm.size))
+    trainer.fit(RankPlateau(), loader, loader)
+    torch.save({"epoch": trainer.current_epoch}, out / f"early.rank{comm.rank}.pt")
+
+
+class Terminated(RankPlateau):
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1 and self.current_epoch == 1 and batch_idx == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # what Slurm sends before the time limit
+        return super().training_step(batch, batch_idx)
+
+
+def sigterm(out: Path) -> None:
+    comm = world()
+    seed_everything(0)
+    checkpoints = ModelCheckpoint(dirpath=out / "sigterm", save_on_exception=True, save_last=True)
+    trainer = quiet_trainer(
+        strategy=MPIStrategy(), max_epochs=3, callbacks=[checkpoints], enable_checkpointing=True
+    )
+    loader = DataLoader(dataset(), batch_size=batch_size(comm.size), shuffle=True)
+    model = Terminated()
+    try:
+        trainer.fit(model, loader)
+        stopped_at = None
+    except SIGTERMException:
+        stopped_at = trainer.global_step
+    saved = sorted(p.name for p in (out / "sigterm").iterdir())
+    comm.barrier()
+    resumed = quiet_trainer(strategy=MPIStrategy(), max_epochs=3)
+    resumed.fit(RankPlateau(), loader, ckpt_path=out / "sigterm" / "last.ckpt")
+    torch.save(
+        {"stopped_at": stopped_at, "saved": saved, "resumed_epoch": resumed.current_epoch},
+        out / f"sigterm.rank{comm.rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1])
+    metrics(target)
+    early_stopping(target)
+    sigterm(target)
