@@ -7,7 +7,8 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
-from lightning_mpi.comm import launched_by_mpi, launcher_rank
+from lightning_mpi.checks import warn_about_plain_trainers
+from lightning_mpi.comm import launched_by_mpi, launcher_rank, launcher_size
 from lightning_mpi.checkpoint import EnsembleModel, load_ensemble
 from lightning_mpi.metrics import sync_metrics
 from lightning_mpi.strategy import MPIStrategy
@@ -19,6 +20,8 @@ if launched_by_mpi():
     # Only rank 0 prints and logs from the first line of the script on (seed_everything, Trainer construction),
     # not just once the strategy is set up. The launcher's variables give the rank without initialising MPI.
     rank_zero_only.rank = utils_rank_zero_only.rank = launcher_rank()
+    if launcher_size() > 1:
+        warn_about_plain_trainers()
 
 __all__ = [
     "EnsembleModel",

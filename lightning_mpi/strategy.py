@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from lightning_mpi import checkpoint as ckpt
 from lightning_mpi.buffers import DEFAULT_BUCKET_MB
+from lightning_mpi.checks import check_launch, check_replicas_match
 from lightning_mpi.comm import Communicator, abort_on_exception, world
 from lightning_mpi.environment import MPICommEnvironment
 from lightning_mpi.failure import AbortOnFailure, abort_on_uncaught_exceptions, is_collective_stop
@@ -58,6 +59,10 @@ class MPIStrategy(ParallelStrategy):
             use divided by the ranks sharing them.
         timeout: seconds any collective may take before the job is reported as stalled and aborted
             (``None``: wait forever).
+        on_nonfinite: what to do when any rank's gradients hold NaN or inf after backward: ``"ignore"`` (the
+            default; e.g. AMP's gradient scaler handles them), ``"skip"`` (every rank drops this step's
+            gradients, so the optimizer does not move; listed in ``skipped_steps``) or ``"raise"``
+            (``FloatingPointError`` on every rank). The decision is the same on every rank.
         communicator: the :class:`~lightning_mpi.comm.Communicator` to use (default: all ranks of the job).
     """
 
@@ -76,6 +81,7 @@ class MPIStrategy(ParallelStrategy):
         bucket_mb: float = DEFAULT_BUCKET_MB,
         num_threads: int | None = None,
         timeout: float | None = 600.0,
+        on_nonfinite: str = "ignore",
         communicator: Communicator | None = None,
         accelerator: Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
@@ -91,6 +97,11 @@ class MPIStrategy(ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
+        if on_nonfinite not in ("ignore", "skip", "raise"):
+            raise ValueError(f"on_nonfinite={on_nonfinite!r} is not known: choose 'ignore', 'skip' or 'raise'.")
+        self._on_nonfinite = on_nonfinite
+        #: global steps whose gradients were dropped because some rank's were not finite (``on_nonfinite="skip"``)
+        self.skipped_steps: list[int] = []
         self._num_threads = num_threads
         self._num_nodes = 1
         self._sync_gradients = True
@@ -134,7 +145,7 @@ class MPIStrategy(ParallelStrategy):
         device = self.parallel_devices[0]
         if device.type == "cuda":
             return torch.device("cuda", self.local_rank % max(1, torch.cuda.device_count()))
-        return device
+        return torch.device("cpu")
 
     @property
     def _comm_ready(self) -> bool:
@@ -152,7 +163,7 @@ class MPIStrategy(ParallelStrategy):
 
     @override
     def setup_environment(self) -> None:
-        self._check_devices()
+        check_launch(self.parallel_devices or [], self.num_nodes, self.comm)
         self.set_world_ranks()
         abort_on_uncaught_exceptions(self.comm)
         # Lightning warns that evaluation samplers pad and duplicate samples; ours do not (process_dataloader).
@@ -163,14 +174,6 @@ class MPIStrategy(ParallelStrategy):
             f"lightning-mpi: {self.comm.size} rank(s) on {self.comm.num_nodes} node(s), sync={self._policy.name}, {threads.count} torch thread(s) per rank ({threads.reason})"
         )
         super().setup_environment()
-
-    def _check_devices(self) -> None:
-        devices = len(self.parallel_devices or [])
-        if devices > 1:
-            raise ValueError(
-                f"MPIStrategy runs one device per MPI rank, but the Trainer was given {devices} devices per process. "
-                f"Drop `devices=` (or set devices=1) and start more ranks: mpirun -n {devices * self.num_nodes} ..."
-            )
 
     @override
     def model_to_device(self) -> None:
@@ -184,6 +187,8 @@ class MPIStrategy(ParallelStrategy):
         super().setup(trainer)
         assert self.lightning_module is not None
         fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and self._policy.name != "ensemble":
+            check_replicas_match(self.comm, self.lightning_module, self.optimizers)
         self._policy.setup(self.comm, self.lightning_module, fitting=fitting, resuming=trainer.ckpt_path is not None)
         sync_metrics(self.lightning_module, self.comm)
         if not any(isinstance(cb, AbortOnFailure) for cb in trainer.callbacks):
@@ -255,9 +260,23 @@ class MPIStrategy(ParallelStrategy):
         self.precision_plugin.backward(closure_loss, self.lightning_module, optimizer, *args, **kwargs)
         if self._sync_gradients and self._policy.syncs_gradients:
             self._policy.after_backward(self.lightning_module)
+        if self._sync_gradients and self._on_nonfinite != "ignore":
+            self._handle_nonfinite()
         closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
         self.post_backward(closure_loss)
         return closure_loss
+
+    def _handle_nonfinite(self) -> None:
+        module = self.lightning_module
+        assert module is not None
+        if self._policy.gradients_finite(module):
+            return
+        step = module.trainer.global_step
+        if self._on_nonfinite == "raise":
+            raise FloatingPointError(f"Non-finite gradients at global step {step} on at least one rank.")
+        module.zero_grad(set_to_none=True)
+        self.skipped_steps.append(step)
+        rank_zero_info(f"lightning-mpi: non-finite gradients at global step {step}; every rank skips this step.")
 
     @override
     def optimizer_step(

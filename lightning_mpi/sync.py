@@ -56,6 +56,12 @@ class SyncPolicy:
     def after_optimizer_step(self, module: Module, optimizers: list[Optimizer]) -> None:
         """Called after the first optimizer of the module stepped."""
 
+    def gradients_finite(self, module: Module) -> bool:
+        """Whether every rank's gradients are finite; the same answer on every rank (collective)."""
+        local = all(bool(torch.isfinite(p.grad).all()) for p in module.parameters() if p.grad is not None)
+        flag = torch.tensor([0 if local else 1], dtype=torch.int32)
+        return self.comm.allreduce_(flag, "max").item() == 0
+
     def on_train_epoch_start(self, module: Module, optimizers: list[Optimizer], epoch: int) -> None:
         """Called before the first batch of every training epoch."""
 
@@ -113,6 +119,12 @@ class GradientAllreduce(SyncPolicy):
             return
         for bucket, params in zip(self._buckets, self._params):
             self._allreduce_bucket(bucket, params)
+
+    def gradients_finite(self, module: Module) -> bool:
+        # After the allreduce every rank holds the same buckets: a local look is already a global answer.
+        if self.comm.size == 1 or not self._buckets:
+            return super().gradients_finite(module)
+        return all(bool(torch.isfinite(b.flat).all()) for b in self._buckets)
 
     def _allreduce_bucket(self, bucket: Bucket, params: list[torch.nn.Parameter]) -> None:
         with torch.no_grad():

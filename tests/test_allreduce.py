@@ -13,16 +13,26 @@ from tests.scenarios.common import CASES, reference_parameters
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
+_LAUNCHES: dict[tuple[int, tuple[str, ...]], dict[str, list[dict]]] = {}
+
+
+def launch(world: int, tmp_path_factory, mpirun_args: tuple[str, ...] = ()) -> dict[str, list[dict]]:
+    """Every case trained once per world size and transport (one mpirun launch for all cases)."""
+    key = (world, mpirun_args)
+    if key not in _LAUNCHES:
+        out = tmp_path_factory.mktemp(f"allreduce{world}")
+        argv = ["-m", "tests.scenarios.equivalence", str(out)]
+        check(run_mpi(world, argv, timeout=240, mpirun_args=list(mpirun_args)))
+        _LAUNCHES[key] = {
+            case: [torch.load(f, weights_only=False) for f in sorted(glob.glob(f"{out}/{case}.rank*.pt"))]
+            for case in CASES
+        }
+    return _LAUNCHES[key]
+
+
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def trained(request, tmp_path_factory) -> tuple[int, dict[str, list[dict]]]:
-    """Every case trained once per world size (one mpirun launch for all cases)."""
-    world = request.param
-    out = tmp_path_factory.mktemp(f"allreduce{world}")
-    check(run_mpi(world, ["-m", "tests.scenarios.equivalence", str(out)], timeout=240))
-    results = {
-        case: [torch.load(f, weights_only=False) for f in sorted(glob.glob(f"{out}/{case}.rank*.pt"))] for case in CASES
-    }
-    return world, results
+    return request.param, launch(request.param, tmp_path_factory)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -66,3 +76,11 @@ def test_all_gather_stacks_ranks(trained):
     world, results = trained
     for r in results["sgd_momentum"]:
         assert r["all_gather"].tolist() == [[rank, 7] for rank in range(world)]
+
+
+def test_tcp_transport_gives_the_same_results_as_shared_memory(tmp_path_factory):
+    shared_memory = launch(2, tmp_path_factory)
+    tcp = launch(2, tmp_path_factory, ("--mca", "btl", "tcp,self"))
+    for case in CASES:
+        for a, b in zip(shared_memory[case], tcp[case]):
+            assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"]), case

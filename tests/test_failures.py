@@ -47,3 +47,31 @@ def test_killed_rank_ends_the_job():
     result, _ = launch("kill")
     assert result.returncode != 0
     assert "finished without failing" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "mode, message",
+    [
+        ("shapes", "The model (parameter and buffer names, shapes, dtypes) differs between rank 0 and rank 1"),
+        ("optimizer", "The optimizer configuration differs between rank 0 and rank 1"),
+        ("devices", "Trainer(devices=3) asks for 3 ranks per node, but the MPI launcher started 2"),
+    ],
+)
+def test_mismatch_is_a_clear_error_not_a_hang(mode, message):
+    result, _ = launch(mode)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "finished without failing" not in result.stdout
+
+
+def test_nonfinite_gradients_on_one_rank_skip_the_step_everywhere():
+    result, _ = launch("nan_skip")
+    assert result.returncode == 0, result.stderr
+    # both ranks skipped the same steps (batch 2 of each epoch) and finished with finite parameters
+    assert result.stdout.count("finished without failing; skipped [2, 34]; finite True") == 2
+
+
+def test_nonfinite_gradients_on_one_rank_raise_everywhere():
+    result, _ = launch("nan_raise")
+    assert result.returncode != 0
+    assert "FloatingPointError: Non-finite gradients at global step 2" in result.stderr

@@ -23,6 +23,9 @@ class Failing(Regressor):
                 raise RuntimeError("deliberate failure in training_step")
             if MODE == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+        if MODE.startswith("nan") and self.global_rank == 1 and batch_idx == BAD_STEP:
+            x, y = batch
+            return torch.nn.functional.mse_loss(self(x), y) * float("nan")
         if MODE == "stall" and batch_idx == BAD_STEP:
             if self.global_rank == 0:
                 self.trainer.strategy.barrier()  # rank 1 never arrives
@@ -43,17 +46,31 @@ class FailingCallback(Callback):
             raise KeyError("deliberate failure in a callback")
 
 
+def model() -> Failing:
+    rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+    module = Failing(lr=0.1 if MODE == "optimizer" and rank == 1 else 0.05)
+    if MODE == "shapes" and rank == 1:
+        module.net[0] = torch.nn.Linear(module.net[0].in_features, 16, bias=False)
+    return module
+
+
 def main() -> None:
     data = regression_data(64 * BATCH)
     trainer = quiet_trainer(
-        strategy=MPIStrategy(timeout=3 if MODE == "stall" else 60),
+        strategy=MPIStrategy(
+            timeout=3 if MODE == "stall" else 60,
+            on_nonfinite={"nan_skip": "skip", "nan_raise": "raise"}.get(MODE, "ignore"),
+        ),
         max_epochs=2,
         limit_val_batches=None,
         callbacks=[FailingCallback()],
+        devices=3 if MODE == "devices" else 1,
     )
     loader = DataLoader(data, batch_size=BATCH, shuffle=True)
-    trainer.fit(Failing(), loader, DataLoader(data, batch_size=BATCH))
-    print("finished without failing", flush=True)
+    module = model()
+    trainer.fit(module, loader, DataLoader(data, batch_size=BATCH))
+    finite = all(bool(torch.isfinite(p).all()) for p in module.parameters())
+    print(f"finished without failing; skipped {trainer.strategy.skipped_steps}; finite {finite}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,110 @@
+"""Setup-time checks that turn would-be hangs and silent garbage into clear errors on every rank.
+
+Each check compares what every rank holds (an all-gather of small descriptions), so all ranks reach the same
+verdict and raise the same error together.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch.nn import Module
+from torch.optim import Optimizer
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from lightning_mpi.comm import Communicator, launcher_size
+
+
+def check_launch(devices: list[torch.device], num_nodes: int, comm: Communicator) -> None:
+    """The Trainer's ``devices``/``num_nodes`` must describe the ranks the MPI launcher started."""
+    if num_nodes != 1 and num_nodes != comm.num_nodes:
+        raise ValueError(
+            f"Trainer(num_nodes={num_nodes}) but the MPI launcher started {comm.size} rank(s) on {comm.num_nodes} "
+            "node(s). Under MPIStrategy the launcher decides: drop num_nodes, or launch on that many nodes."
+        )
+    cpu_devices = [d for d in devices if d.type == "cpu"]
+    if len(cpu_devices) > 1 and len(cpu_devices) != comm.local_size:
+        raise ValueError(
+            f"Trainer(devices={len(cpu_devices)}) asks for {len(cpu_devices)} ranks per node, but the MPI launcher "
+            f"started {comm.local_size} on this node ({comm.size} in all). Drop devices= (one device per rank) or "
+            f"launch with mpirun -n {len(cpu_devices) * comm.num_nodes}."
+        )
+
+
+def _describe_module(module: Module) -> list[tuple[str, tuple[int, ...], str]]:
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    return [(name, tuple(t.shape), str(t.dtype)) for name, t in named]
+
+
+def _describe_optimizers(optimizers: list[Optimizer]) -> list[Any]:
+    described = []
+    for opt in optimizers:
+        opt = getattr(opt, "_optimizer", opt)
+        groups = [
+            {"params": len(group["params"]), **{k: repr(v) for k, v in group.items() if k != "params"}}
+            for group in opt.param_groups
+        ]
+        described.append((type(opt).__name__, groups))
+    return described
+
+
+def _first_difference(reference: list[Any], other: list[Any]) -> str:
+    if reference and isinstance(reference[0][0], str):  # named tensors: compare by name
+        ours, theirs = {n: rest for n, *rest in reference}, {n: rest for n, *rest in other}
+        for name in list(ours) + [n for n in theirs if n not in ours]:
+            if ours.get(name) != theirs.get(name):
+                return f"{name!r} is {ours.get(name, 'missing')} on rank 0 but {theirs.get(name, 'missing')}"
+    for i, (a, b) in enumerate(zip(reference, other)):
+        if a != b:
+            return f"entry {i}: {a} on rank 0 vs {b}"
+    return f"{len(reference)} entries on rank 0 vs {len(other)}"
+
+
+def check_replicas_match(comm: Communicator, module: Module, optimizers: list[Optimizer]) -> None:
+    """Raise on every rank if the ranks' models or optimizer configurations differ.
+
+    Different parameter shapes would make the gradient allreduce mix unrelated numbers (or hang on a size
+    mismatch); different optimizers would make replicas drift apart silently.
+    """
+    if comm.size == 1:
+        return
+    mine = (_describe_module(module), _describe_optimizers(optimizers))
+    everyone = comm.allgather_object(mine)
+    for what, index in (("model (parameter and buffer names, shapes, dtypes)", 0), ("optimizer configuration", 1)):
+        for rank, theirs in enumerate(everyone):
+            if theirs[index] != everyone[0][index]:
+                raise ValueError(
+                    f"The {what} differs between rank 0 and rank {rank}: "
+                    f"{_first_difference(everyone[0][index], theirs[index])} on rank {rank}. Every rank must build "
+                    "the same model and optimizers (check code paths that depend on the rank or on local files)."
+                )
+
+
+def warn_about_plain_trainers() -> None:
+    """Under an MPI launcher with several ranks, warn (once, on rank 0) when a Trainer gets another strategy.
+
+    Such a job trains one independent model per rank, which is rarely what ``mpirun -n N`` meant.
+    """
+    from lightning.pytorch import Trainer
+
+    init = Trainer.__init__
+    if getattr(init, "lightning_mpi", False):
+        return
+
+    @functools.wraps(init)
+    def checked_init(trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        init(trainer, *args, **kwargs)
+        from lightning_mpi.strategy import MPIStrategy
+
+        if not isinstance(trainer.strategy, MPIStrategy) and not torch.distributed.is_initialized():
+            rank_zero_warn(
+                f"lightning-mpi: this script runs under an MPI launcher with {launcher_size()} ranks, but the Trainer "
+                f"uses {type(trainer.strategy).__name__}: every rank will train its own, independent model. Pass "
+                "Trainer(strategy=MPIStrategy()) (or strategy='mpi') to train one model on all ranks."
+            )
+
+    checked_init.lightning_mpi = True  # type: ignore[attr-defined]
+    Trainer.__init__ = checked_init  # type: ignore[method-assign]
