@@ -97,9 +97,7 @@ def warn_about_plain_trainers() -> None:
     @functools.wraps(init)
     def checked_init(trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         init(trainer, *args, **kwargs)
-        from lightning_mpi.strategy import MPIStrategy
-
-        if not isinstance(trainer.strategy, MPIStrategy) and not torch.distributed.is_initialized():
+        if not trainer._accelerator_connector.is_distributed:
             rank_zero_warn(
                 f"lightning-mpi: this script runs under an MPI launcher with {launcher_size()} ranks, but the Trainer "
                 f"uses {type(trainer.strategy).__name__}: every rank will train its own, independent model. Pass "

@@ -202,8 +202,14 @@ class MPICommunicator(Communicator):
         wire, staged = self._wire(tensor, reducing=True)
         if tensor.device.type == "cuda":
             torch.cuda.current_stream(tensor.device).synchronize()
-        with self._collective(f"allreduce({op})", tensor):
+        watchdog = self._watchdog
+        if watchdog is not None:  # the hot path: no context manager
+            watchdog.enter("allreduce", tensor)
+        try:
             self._comm.Allreduce(self._MPI.IN_PLACE, wire.numpy(), op=self._ops[op])
+        finally:
+            if watchdog is not None:
+                watchdog.exit()
         self._bytes += wire.numel() * wire.element_size()
         if staged:
             self._write_back(tensor, wire)

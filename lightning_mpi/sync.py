@@ -127,20 +127,19 @@ class GradientAllreduce(SyncPolicy):
         return all(bool(torch.isfinite(b.flat).all()) for b in self._buckets)
 
     def _allreduce_bucket(self, bucket: Bucket, params: list[torch.nn.Parameter]) -> None:
+        grads = [p.grad for p in params]
         with torch.no_grad():
-            for i, (p, view) in enumerate(zip(params, bucket.views)):
-                grad = p.grad
+            pairs = [(v, g) for v, g in zip(bucket.views, grads) if g is not None and g.data_ptr() != v.data_ptr()]
+            if pairs:
+                torch._foreach_copy_([v for v, _ in pairs], [g for _, g in pairs])
+            for view, grad in zip(bucket.views, grads):
                 if grad is None:
                     view.zero_()
-                    bucket.tail[i] = 0
-                else:
-                    if grad.data_ptr() != view.data_ptr():
-                        view.copy_(grad)
-                    bucket.tail[i] = 1
+            bucket.tail.copy_(torch.tensor([0.0 if g is None else 1.0 for g in grads]))
             self.comm.allreduce_(bucket.flat, "mean")
-            for i, (p, view) in enumerate(zip(params, bucket.views)):
-                # The averaged gradient is handed out as a view of the bucket: no copy back.
-                p.grad = view if bucket.tail[i] > 0 else None
+        for p, view, present in zip(params, bucket.views, bucket.tail.tolist()):
+            # The averaged gradient is handed out as a view of the bucket: no copy back.
+            p.grad = view if present > 0 else None
 
 
 class ParameterAveraging(SyncPolicy):

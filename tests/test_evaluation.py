@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from tests.mpirun import check, run_mpi
 from tests.scenarios.common import quiet_trainer
-from tests.scenarios.evaluation import SAMPLES, Evaluated, batch_size, dataset
+from tests.scenarios.evaluation import SAMPLES, Evaluated, dataset
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])

@@ -1,0 +1,1 @@
+"""Reusable data modules: time series (forecasting) and images (classification)."""

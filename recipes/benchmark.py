@@ -1,0 +1,354 @@
+"""Side-by-side speed of MPIStrategy: epoch times against DDP (gloo), the no-communication ceiling and a
+hand-written PyTorch + mpi4py loop, and an allreduce micro-benchmark.
+
+    python recipes/benchmark.py --ranks 1 2 --out benchmark-results      # launches mpirun itself
+
+Each rank count is one ``mpirun`` launch running every variant in turn (start-up is paid once); every
+variant trains the same model on the same in-memory data with the same per-rank batch and one torch thread per
+rank, and reports the median epoch time over ``--epochs`` epochs after a warm-up epoch, repeated ``--repeats``
+times (median of medians). Results: ``results.json``, ``benchmark.md`` and PNG plots in ``--out``.
+
+The raw baselines call mpi4py directly on purpose: they are what the strategy is measured against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+WORKLOADS = {
+    # name: (samples, per-rank batch); sizes of the recipes (752 LSTM windows, 3,200 CNN images)
+    "lstm": (752, 128),
+    "gru": (752, 100),
+    "cnn": (3200, 64),
+}
+VARIANTS = ("mpi_allreduce", "mpi_average", "ceiling", "ddp_gloo", "handwritten")
+SIZES_KB = (4, 64, 256, 1024, 4096, 25600)
+
+
+# -- workloads ---------------------------------------------------------------------------------------------
+
+
+def build(workload: str) -> tuple[Any, Any, Callable]:
+    """(LightningModule, dataset, loss function) for a workload, with fixed seeds."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    samples, _ = WORKLOADS[workload]
+    if workload == "cnn":
+        from lightning_mpi.data.images import load_digits
+        from lightning_mpi.models.vision import CNNClassifier
+
+        images, labels = load_digits()
+        reps = -(-samples // len(labels))
+        data = TensorDataset(images.repeat(reps, 1, 1, 1)[:samples], labels.repeat(reps)[:samples])
+        return CNNClassifier(), data, torch.nn.functional.cross_entropy
+    from lightning_mpi.models.forecasters import GRUForecaster, LSTMForecaster
+
+    module = (LSTMForecaster if workload == "lstm" else GRUForecaster)(window=14, hidden_size=50)
+    x = torch.randn(samples, 14, 1)
+    y = x[:, -1] * 0.9
+    data = TensorDataset(x, y, y, y)  # (inputs, targets, last value, target in cases): the recipe's batch layout
+    return module, data, torch.nn.functional.mse_loss
+
+
+# -- variants (run inside each rank) -----------------------------------------------------------------------
+
+
+class EpochTimer:
+    """A Lightning callback recording wall time per training epoch."""
+
+    def __new__(cls) -> Any:
+        from lightning.pytorch import Callback
+
+        class _Timer(Callback):
+            def __init__(self) -> None:
+                self.times: list[float] = []
+
+            def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
+                self._start = time.perf_counter()
+
+            def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
+                self.times.append(time.perf_counter() - self._start)
+
+        return _Timer()
+
+
+def lightning_epochs(workload: str, variant: str, epochs: int) -> list[float]:
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.utils.data import DataLoader
+
+    from lightning_mpi import MPIStrategy
+
+    module, data, _ = build(workload)
+    _, batch = WORKLOADS[workload]
+    strategy: Any = {
+        "mpi_allreduce": lambda: MPIStrategy(num_threads=1),
+        "mpi_average": lambda: MPIStrategy(sync="average", every_n_steps=8, num_threads=1),
+        "ceiling": lambda: MPIStrategy(sync="ensemble", num_threads=1),
+        "ddp_gloo": lambda: DDPStrategy(process_group_backend="gloo"),
+    }[variant]()
+    timer = EpochTimer()
+    trainer = Trainer(
+        accelerator="cpu", strategy=strategy, max_epochs=epochs + 1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
+        **({"devices": _world()[1]} if variant == "ddp_gloo" else {}),
+    )
+    trainer.fit(module, DataLoader(data, batch_size=batch, shuffle=True))
+    return timer.times[1:]
+
+
+def handwritten_epochs(workload: str, epochs: int) -> list[float]:
+    """The studies' way: data in memory, a plain loop, one flat mpi4py Allreduce of the gradients per step."""
+    import torch
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    module, data, loss_fn = build(workload)
+    _, batch = WORKLOADS[workload]
+    optimizer = module.configure_optimizers()
+    params = [p for p in module.parameters() if p.requires_grad]
+    flat = torch.zeros(sum(p.numel() for p in params))
+    tensors = data.tensors
+    shard = torch.arange(len(tensors[0]))[rank::size]
+    times = []
+    for epoch in range(epochs + 1):
+        start = time.perf_counter()
+        order = shard[torch.randperm(len(shard), generator=torch.Generator().manual_seed(epoch))]
+        for i in range(0, len(order), batch):
+            idx = order[i : i + batch]
+            optimizer.zero_grad()
+            loss_fn(module(tensors[0][idx]), tensors[1][idx]).backward()
+            torch.cat([p.grad.reshape(-1) for p in params], out=flat)
+            comm.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
+            flat /= size
+            offset = 0
+            for p in params:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+            optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def allreduce_micro(repeats: int) -> dict[str, dict[int, float]]:
+    """Seconds per allreduce of ``SIZES_KB`` float32 gradients: raw mpi4py, the strategy's path, gloo."""
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    from lightning_mpi.comm import MPICommunicator
+    from lightning_mpi.sync import GradientAllreduce
+
+    raw_comm = MPI.COMM_WORLD
+    rank, _ = _world()
+    out: dict[str, dict[int, float]] = {k: {} for k in ("raw_mpi4py", "strategy", "strategy_no_watchdog", "gloo")}
+    for kb in SIZES_KB:
+        n = kb * 1024 // 4
+        buf = torch.ones(n)
+        out["raw_mpi4py"][kb] = _time(lambda: raw_comm.Allreduce(MPI.IN_PLACE, buf.numpy(), op=MPI.SUM), repeats)
+        for key, timeout in (("strategy", 600.0), ("strategy_no_watchdog", None)):
+            comm = MPICommunicator(timeout=timeout)
+            layer = torch.nn.Linear(n, 1, bias=False)
+            policy = GradientAllreduce()
+            policy.setup(comm, layer, fitting=True, resuming=False)
+            grad = torch.ones_like(layer.weight)
+
+            def strategy_step() -> None:
+                layer.weight.grad = grad  # a fresh gradient each step, as after backward
+                policy.after_backward(layer)
+
+            out[key][kb] = _time(strategy_step, repeats)
+            if comm._watchdog is not None:
+                comm._watchdog.stop()
+        out["gloo"][kb] = _time(lambda: dist.all_reduce(buf), repeats)
+    if rank == 0:
+        print(json.dumps(out), flush=True)
+    return out
+
+
+def _time(fn: Callable[[], None], repeats: int) -> float:
+    from mpi4py import MPI
+
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        MPI.COMM_WORLD.Barrier()
+        start = time.perf_counter()
+        for _ in range(10):
+            fn()
+        samples.append((time.perf_counter() - start) / 10)
+    return statistics.median(samples)
+
+
+def _world() -> tuple[int, int]:
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+
+
+def _init_gloo() -> None:
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+    rank, size = _world()
+    port = MPI.COMM_WORLD.bcast(find_free_network_port() if rank == 0 else None, root=0)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Inside mpirun: every variant of every workload, then the micro-benchmark; rank 0 writes JSON."""
+    import torch
+
+    import lightning_mpi  # noqa: F401  (rank-zero printing from the first line)
+
+    torch.set_num_threads(1)
+    rank, size = _world()
+    results: dict[str, Any] = {"ranks": size, "epochs": {}}
+    for workload in args.workloads:
+        for variant in VARIANTS:
+            if size == 1 and variant in ("mpi_average", "ceiling", "ddp_gloo"):
+                continue  # one rank: nothing to combine
+            medians = []
+            for _ in range(args.repeats):
+                times = (
+                    handwritten_epochs(workload, args.epochs)
+                    if variant == "handwritten"
+                    else lightning_epochs(workload, variant, args.epochs)
+                )
+                medians.append(statistics.median(times))
+            results["epochs"][f"{workload}/{variant}"] = statistics.median(medians)
+            if rank == 0:
+                print(f"{size} ranks {workload:5s} {variant:14s} {statistics.median(medians) * 1000:9.1f} ms/epoch", flush=True)
+    if size > 1 and args.micro:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            _init_gloo()
+        results["allreduce"] = allreduce_micro(args.repeats * 5)
+    if rank == 0:
+        Path(args.worker_out).write_text(json.dumps(results, indent=1))
+
+
+# -- orchestration and report --------------------------------------------------------------------------------
+
+
+def launch(args: argparse.Namespace, ranks: int, out: Path) -> dict[str, Any]:
+    target = out / f"ranks{ranks}.json"
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_btl="^ofi")
+    cmd = [
+        "mpirun", "-n", str(ranks), "--oversubscribe", sys.executable, __file__, "--worker-out", str(target),
+        "--epochs", str(args.epochs), "--repeats", str(args.repeats), "--workloads", *args.workloads,
+    ] + (["--micro"] if args.micro else [])
+    subprocess.run(cmd, check=True, env=env, timeout=args.timeout)
+    return json.loads(target.read_text())
+
+
+def report(results: dict[int, dict[str, Any]], out: Path) -> str:
+    lines = [f"Epoch time (ms, median) on {os.cpu_count()} cores, one torch thread per rank", ""]
+    ranks = sorted(results)
+    header = "| workload | variant | " + " | ".join(f"{r} rank{'s' if r > 1 else ''}" for r in ranks) + " |"
+    lines += [header, "|" + "---|" * (len(ranks) + 2)]
+    single = {w: results[ranks[0]]["epochs"].get(f"{w}/handwritten") for w in WORKLOADS}
+    for workload in WORKLOADS:
+        for variant in VARIANTS:
+            cells = [results[r]["epochs"].get(f"{workload}/{variant}") for r in ranks]
+            if all(c is None for c in cells):
+                continue
+            lines.append(
+                f"| {workload} | {variant} | " + " | ".join("" if c is None else f"{c * 1000:.1f}" for c in cells) + " |"
+            )
+    lines += ["", "Ratios at the largest rank count (targets of the performance issue):", ""]
+    top = results[ranks[-1]]["epochs"]
+    for workload in WORKLOADS:
+        get = lambda v: top.get(f"{workload}/{v}")  # noqa: E731
+        if get("mpi_allreduce") is None:
+            continue
+        parts = [f"**{workload}**: allreduce/DDP {get('mpi_allreduce') / get('ddp_gloo'):.2f}" if get("ddp_gloo") else ""]
+        if get("ceiling"):
+            parts.append(f"allreduce/ceiling {get('mpi_allreduce') / get('ceiling'):.2f}")
+            parts.append(f"average/ceiling {get('mpi_average') / get('ceiling'):.2f}")
+        parts.append(f"allreduce/hand-written {get('mpi_allreduce') / get('handwritten'):.2f}")
+        if single[workload] and get("ceiling"):
+            parts.append(f"ceiling vs 1-rank hand-written: -{100 * (1 - get('ceiling') / single[workload]):.0f} % time")
+        lines.append("- " + ", ".join(p for p in parts if p))
+    micro = results[ranks[-1]].get("allreduce")
+    if micro:
+        lines += ["", f"Allreduce of float32 gradients at {ranks[-1]} ranks (µs per call):", ""]
+        lines += ["| KB | raw mpi4py | strategy | strategy, no watchdog | gloo | strategy/raw |", "|---|---|---|---|---|---|"]
+        for kb in SIZES_KB:
+            row = [micro[k][str(kb)] * 1e6 for k in ("raw_mpi4py", "strategy", "strategy_no_watchdog", "gloo")]
+            lines.append(f"| {kb} | " + " | ".join(f"{v:.1f}" for v in row) + f" | {row[1] / row[0]:.2f} |")
+    text = "\n".join(lines) + "\n"
+    (out / "benchmark.md").write_text(text)
+    _plots(results, out)
+    return text
+
+
+def _plots(results: dict[int, dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = sorted(results)
+    fig, axes = plt.subplots(1, len(WORKLOADS), figsize=(4 * len(WORKLOADS), 3.5))
+    for ax, workload in zip(axes, WORKLOADS):
+        for variant in VARIANTS:
+            points = [(r, results[r]["epochs"].get(f"{workload}/{variant}")) for r in ranks]
+            points = [(r, t * 1000) for r, t in points if t is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=variant)
+        ax.set(title=workload, xlabel="ranks", ylabel="ms / epoch", xticks=ranks)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "epoch_time.png", dpi=120)
+    plt.close(fig)
+    micro = results[ranks[-1]].get("allreduce")
+    if micro:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for key, values in micro.items():
+            ax.plot([int(k) for k in values], [v * 1e6 for v in values.values()], marker="o", label=key)
+        ax.set(xscale="log", yscale="log", xlabel="KB", ylabel="µs per allreduce", title=f"{ranks[-1]} ranks")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "allreduce.png", dpi=120)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--epochs", type=int, default=5, help="timed epochs per run, after one warm-up epoch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--micro", action=argparse.BooleanOptionalAction, default=True, help="allreduce micro-benchmark")
+    parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker_out:
+        worker(args)
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {r: launch(args, r, args.out) for r in args.ranks}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print(report(results, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The forecasting recipe: config composition, a 1-process run, bad input, and a 2-rank Hydra multirun under mpirun."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_mpi import MPIStrategy
+from lightning_mpi.data.timeseries import ForecastDataModule
+from lightning_mpi.hydra import _check_argv, check_sweep_plugins
+
+ROOT = Path(__file__).resolve().parents[1]
+TENNESSEE = ROOT.parent / "shared" / "data" / "tennessee-covid19-nyt.csv"
+sys.path.insert(0, str(ROOT / "recipes"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import report  # noqa: E402
+import train  # noqa: E402
+
+
+def config(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_default_config_composes_to_the_improved_forecaster() -> None:
+    cfg = config()
+    assert cfg.data.transform == "logratio" and cfg.data.source == "sir"
+    assert cfg.model._target_.endswith("LSTMForecaster") and cfg.data.batch_size == 128
+    assert instantiate(cfg.strategy).__class__.__name__ == "SingleDeviceStrategy"
+
+
+@pytest.mark.parametrize(("model", "batch"), [("lstm", 128), ("bilstm", 128), ("gru", 100)])
+def test_study_experiment_has_the_studys_exact_setting(model: str, batch: int) -> None:
+    cfg = config("experiment=covid_table", f"model={model}")
+    assert (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.model.hidden_size) == (1500, batch, 50)
+    assert (cfg.data.transform, cfg.data.scaler, cfg.data.train_fraction, cfg.data.days) == ("level", "minmax", 0.8, 766)
+    assert cfg.data.source == "nyt" and cfg.data.state == "Tennessee"
+
+
+def test_strategies_instantiate_as_documented() -> None:
+    average = instantiate(config("strategy=average").strategy)
+    assert isinstance(average, MPIStrategy) and average.policy.name == "average"
+    assert average.policy.every_n_steps is None and average.policy.every_n_epochs is None
+    assert instantiate(config("strategy=allreduce").strategy).policy.name == "allreduce"
+    assert instantiate(config("strategy=ensemble", "strategy.voting=mean").strategy).policy.voting == "mean"
+
+
+def test_a_config_key_that_does_not_exist_is_refused() -> None:
+    with pytest.raises(ConfigCompositionException, match="hiden_size"):
+        config("model.hiden_size=10")
+    with pytest.raises(ConfigCompositionException, match="nosuchmodel"):
+        config("model=nosuchmodel")
+
+
+def test_one_process_run_writes_result_and_plot(tmp_path: Path) -> None:
+    cfg = config("trainer.max_epochs=2", "trainer.enable_progress_bar=false", f"output_dir={tmp_path}", "data.days=200")
+    result = train.run(cfg)
+    written = json.loads((tmp_path / "result.json").read_text())
+    assert written["metrics"] == result["metrics"] and written["ranks"] == 1 and written["strategy"] == "single"
+    assert written["model"] == "LSTM" and written["epochs"] == 2
+    # the torchmetrics in the test loop and the predictions agree, both in case counts
+    assert written["metrics"]["rmse"] == pytest.approx(written["forecast_metrics"]["rmse"], rel=1e-4)
+    assert set(written["baselines"]) == {"persistence", "seasonal7"}
+    assert written["baselines"]["persistence"]["rmse"] > 0
+    assert (tmp_path / "forecast.png").stat().st_size > 10_000
+    assert written["config"]["data"]["days"] == 200
+
+
+def test_bad_input_fails_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("training started despite bad input")
+
+    monkeypatch.setattr("lightning.pytorch.Trainer.fit", no_training)
+    cases = {
+        "data.path=/nonexistent/file.csv": (FileNotFoundError, "does not exist"),
+        "data.state=Atlantis": (ValueError, "State 'Atlantis' is not in"),
+        "data.window=800": (ValueError, "too short"),
+    }
+    for override, (error, message) in cases.items():
+        cfg = config("data=tennessee", f"data.path={TENNESSEE}", override, f"output_dir={tmp_path}")
+        with pytest.raises(error, match=message):
+            train.run(cfg)
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_non_basic_sweepers_and_launchers_are_refused_under_mpi(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SystemExit, match="only the basic hydra/sweeper"):
+        _check_argv(["-m", "hydra/sweeper=optuna"])
+    _check_argv(["-m", "hydra/launcher=basic", "model=lstm,gru"])
+    hydra_cfg = OmegaConf.create({"sweeper": {"_target_": "hydra_plugins.x.OptunaSweeper"}, "launcher": None})
+    check_sweep_plugins(hydra_cfg)  # fine outside MPI
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="OptunaSweeper is not supported under mpirun"):
+        check_sweep_plugins(hydra_cfg)
+
+
+@pytest.mark.skipif(not TENNESSEE.is_file(), reason="the Tennessee series is not available")
+def test_two_rank_multirun_shares_job_directories_and_statistics(tmp_path: Path) -> None:
+    from mpirun import check, run_mpi
+
+    sweep = tmp_path / "sweep"
+    launched = run_mpi(
+        2,
+        ["recipes/train.py", "-m", "experiment=covid_table", "model=lstm,gru", "strategy=average",
+         "trainer.max_epochs=2", f"data.path={TENNESSEE}", f"hydra.sweep.dir={sweep}"],
+        timeout=240,
+    )
+    check(launched)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 2, jobs  # one directory per job, shared by both ranks
+    assert len(list(sweep.rglob(".hydra"))) == 2 and len(list(sweep.rglob("result.json"))) == 2
+    reference = ForecastDataModule(source="nyt", path=str(TENNESSEE), transform="level", scaler="minmax")
+    reference.prepare()
+    for job in jobs:
+        assert (job / "train.log").exists() and (job / "train.rank1.log").exists()
+        assert "RMSE" in (job / "train.rank1.log").read_text()
+        result = json.loads((job / "result.json").read_text())
+        assert result["ranks"] == 2 and result["strategy"] == "average"
+        # statistics combined over 2 ranks equal those of one process, exactly
+        assert (result["scaler"]["offset"], result["scaler"]["scale"]) == (
+            reference.transform.offset, reference.transform.scale,
+        )
+        assert round(result["baselines"]["persistence"]["rmse"]) == 8262
+    assert launched.stdout.count("RMSE") == 2  # the console is rank 0's: one summary line per job
+    text = report.main([str(sweep)])
+    assert "| RMSE with MPI (2 ranks) |" in text and "LSTM | GRU" in text and "8,261.73" in text
+    assert (sweep / "table.png").exists()
