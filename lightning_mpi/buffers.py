@@ -36,11 +36,13 @@ class Bucket:
             torch._foreach_copy_([t.detach() for t in self.tensors], self.views)
 
 
-def bucketize(tensors: Iterable[Tensor], cap_mb: float = DEFAULT_BUCKET_MB, extra_per_tensor: int = 0) -> list[Bucket]:
+def bucketize(
+    tensors: Iterable[Tensor], cap_mb: float = DEFAULT_BUCKET_MB, extra_per_tensor: int = 0, extra_per_bucket: int = 0
+) -> list[Bucket]:
     """Group ``tensors`` into buckets of one dtype and device, each at most ``cap_mb`` (a larger tensor gets its own).
 
     Order is kept within each group, so every rank builds the same buckets from the same model.
-    ``extra_per_tensor`` reserves that many trailing elements per tensor in each bucket's ``tail``.
+    ``extra_per_tensor`` (per tensor) and ``extra_per_bucket`` reserve trailing elements in each bucket's ``tail``.
     """
     cap = max(1, int(cap_mb * 2**20))
     groups: dict[tuple[torch.dtype, torch.device], list[list[Tensor]]] = {}
@@ -52,4 +54,9 @@ def bucketize(tensors: Iterable[Tensor], cap_mb: float = DEFAULT_BUCKET_MB, extr
             chunks.append([t])
         else:
             current.append(t)
-    return [Bucket(chunk, extra_per_tensor * len(chunk)) for chunks in groups.values() for chunk in chunks if chunk]
+    return [
+        Bucket(chunk, extra_per_tensor * len(chunk) + extra_per_bucket)
+        for chunks in groups.values()
+        for chunk in chunks
+        if chunk
+    ]

@@ -106,6 +106,7 @@ class MPIStrategy(ParallelStrategy):
         self._num_nodes = 1
         self._sync_gradients = True
         self._sigterm_pending = False
+        self._batches_seen = 0
         #: payload bytes this rank sent in collectives during each training epoch (see ``sync="average"``)
         self.bytes_per_epoch: list[int] = []
         self._bytes_at_epoch_start: int | None = None
@@ -170,7 +171,7 @@ class MPIStrategy(ParallelStrategy):
         warnings.filterwarnings("ignore", message="Using `DistributedSampler` with the dataloaders")
         threads = choose_threads(self._num_threads, self.comm.local_size)
         torch.set_num_threads(threads.count)
-        rank_zero_info(
+        _announce_once(
             f"lightning-mpi: {self.comm.size} rank(s) on {self.comm.num_nodes} node(s), sync={self._policy.name}, {threads.count} torch thread(s) per rank ({threads.reason})"
         )
         super().setup_environment()
@@ -291,32 +292,28 @@ class MPIStrategy(ParallelStrategy):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         trainer = self.lightning_module.trainer
         self.comm.context = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+        if self._policy.agree_on_stop(self._sigterm_pending, self._batches_seen):
+            # Lightning raises SIGTERMException at the end of this batch, on every rank alike.
+            trainer._signal_connector.received_sigterm = True
+        self._batches_seen += 1
         if batch_idx == 0:
             self._policy.on_train_epoch_start(self.lightning_module, self.optimizers, trainer.current_epoch)
             self._close_epoch_bytes()
             self._bytes_at_epoch_start = self.comm.bytes_sent()
-        self._agree_on_sigterm(trainer)
 
     @override
     def on_train_start(self) -> None:
         # Lightning reacts to SIGTERM where it arrives and shares it through torch.distributed only: the signalled
-        # rank would leave alone. Keep the signal to ourselves until all ranks agree (on_train_batch_start).
+        # rank would leave alone. Keep the signal to ourselves until all ranks agree (see SyncPolicy.agree_on_stop).
         self._sigterm_pending = False
+        self._batches_seen = 0
         if self.comm.size > 1 and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._note_sigterm)
 
     def _note_sigterm(self, signum: int, frame: Any) -> None:
-        print(f"[lightning-mpi] rank {self.global_rank} received SIGTERM: every rank stops after the next batch",
+        print(f"[lightning-mpi] rank {self.global_rank} received SIGTERM: every rank stops after the same batch soon",
               file=sys.stderr, flush=True)
         self._sigterm_pending = True
-
-    def _agree_on_sigterm(self, trainer: Trainer) -> None:
-        if self.comm.size == 1:
-            return
-        flag = torch.tensor([1 if self._sigterm_pending else 0], dtype=torch.int32)
-        if self.comm.allreduce_(flag, "max").item():
-            # Lightning raises SIGTERMException at the end of this batch, on every rank alike.
-            trainer._signal_connector.received_sigterm = True
 
     def _close_epoch_bytes(self) -> None:
         if self._bytes_at_epoch_start is not None:
@@ -455,3 +452,12 @@ def _reduce_op_name(reduce_op: ReduceOp | str | None) -> str:
 def _unwrap(optimizer: Any) -> Any:
     return getattr(optimizer, "_optimizer", optimizer)
 
+
+_ANNOUNCED: set[str] = set()
+
+
+def _announce_once(message: str) -> None:
+    """Rank 0 prints ``message`` the first time only (fit, test and predict each set the environment up)."""
+    if message not in _ANNOUNCED:
+        _ANNOUNCED.add(message)
+        rank_zero_info(message)

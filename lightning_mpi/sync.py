@@ -50,8 +50,19 @@ class SyncPolicy:
     def setup(self, comm: Communicator, module: Module, fitting: bool, resuming: bool) -> None:
         self.comm = comm
 
+    #: a stop request (SIGTERM) is agreed on every this many training batches: one tiny collective each time
+    stop_check_every = 8
+
     def after_backward(self, module: Module) -> None:
         """Called after every backward whose gradients feed an optimizer step."""
+
+    def agree_on_stop(self, requested: bool, batch: int) -> bool:
+        """Whether any rank asked to stop; the same answer on every rank. Called before training batch ``batch``
+        (counted from 0 in this fit, identically on every rank)."""
+        if self.comm.size == 1 or batch % self.stop_check_every:
+            return False
+        flag = torch.tensor([1 if requested else 0], dtype=torch.int32)
+        return bool(self.comm.allreduce_(flag, "max").item())
 
     def after_optimizer_step(self, module: Module, optimizers: list[Optimizer]) -> None:
         """Called after the first optimizer of the module stepped."""
@@ -102,6 +113,8 @@ class GradientAllreduce(SyncPolicy):
         self.bucket_mb = bucket_mb
         self._buckets: list[Bucket] = []
         self._params: list[list[torch.nn.Parameter]] = []
+        self._stop_requested = False
+        self._stop_agreed = False
 
     def setup(self, comm: Communicator, module: Module, fitting: bool, resuming: bool) -> None:
         super().setup(comm, module, fitting, resuming)
@@ -110,8 +123,9 @@ class GradientAllreduce(SyncPolicy):
 
     def build_buckets(self, module: Module) -> None:
         trainable = [p for p in module.parameters() if p.requires_grad]
-        # The tail of each bucket carries one flag per parameter: how many ranks produced a gradient.
-        self._buckets = bucketize(trainable, self.bucket_mb, extra_per_tensor=1)
+        # The tail of each bucket carries one flag per parameter (how many ranks produced a gradient), then one
+        # stop flag: a SIGTERM agreement travels with the gradients instead of in a collective of its own.
+        self._buckets = bucketize(trainable, self.bucket_mb, extra_per_tensor=1, extra_per_bucket=1)
         self._params = [list(b.tensors) for b in self._buckets]
 
     def after_backward(self, module: Module) -> None:
@@ -119,6 +133,12 @@ class GradientAllreduce(SyncPolicy):
             return
         for bucket, params in zip(self._buckets, self._params):
             self._allreduce_bucket(bucket, params)
+
+    def agree_on_stop(self, requested: bool, batch: int) -> bool:
+        # Answered from the last gradient allreduce, which carried every rank's request.
+        self._stop_requested = requested
+        agreed, self._stop_agreed = self._stop_agreed, False
+        return agreed
 
     def gradients_finite(self, module: Module) -> bool:
         # After the allreduce every rank holds the same buckets: a local look is already a global answer.
@@ -135,9 +155,12 @@ class GradientAllreduce(SyncPolicy):
             for view, grad in zip(bucket.views, grads):
                 if grad is None:
                     view.zero_()
-            bucket.tail.copy_(torch.tensor([0.0 if g is None else 1.0 for g in grads]))
+            flags = [0.0 if g is None else 1.0 for g in grads] + [1.0 if self._stop_requested else 0.0]
+            bucket.tail.copy_(torch.tensor(flags))
             self.comm.allreduce_(bucket.flat, "mean")
-        for p, view, present in zip(params, bucket.views, bucket.tail.tolist()):
+        *present_flags, stop = bucket.tail.tolist()
+        self._stop_agreed = self._stop_agreed or stop > 0
+        for p, view, present in zip(params, bucket.views, present_flags):
             # The averaged gradient is handed out as a view of the bucket: no copy back.
             p.grad = view if present > 0 else None
 
