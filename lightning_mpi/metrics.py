@@ -32,11 +32,15 @@ class _MPIGather:
         return self.comm.allgather(tensor)
 
 
-def sync_metrics(module: Module, comm: Communicator | None = None) -> int:
+def sync_metrics(
+    module: Module, comm: Communicator | None = None, active: Callable[[], bool] | None = None
+) -> int:
     """Make every torchmetrics ``Metric`` in ``module`` (or ``module`` itself) sync over MPI on ``compute()``.
 
     A metric that already has its own ``dist_sync_fn`` is left alone. Returns how many metrics were attached.
     Must be called with the same metrics on every rank, since ``compute()`` becomes a collective.
+    ``active`` decides at each ``compute()`` whether to sync (default: whenever there are several ranks); the
+    strategy turns syncing off where every rank already saw every sample (ensemble evaluation).
     """
     from torchmetrics import Metric
 
@@ -48,7 +52,7 @@ def sync_metrics(module: Module, comm: Communicator | None = None) -> int:
         current = sub.dist_sync_fn
         if current is None or isinstance(current, _MPIGather):
             sub.dist_sync_fn = _MPIGather(comm)
-            sub.distributed_available_fn = _available(comm)
+            sub.distributed_available_fn = active or _available(comm)
             attached += 1
     return attached
 

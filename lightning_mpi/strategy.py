@@ -127,9 +127,16 @@ class MPIStrategy(ParallelStrategy):
     def is_distributed(self) -> bool:
         """Lightning injects distributed samplers and honours ``sync_dist`` only if this is true.
 
-        A single rank is not distributed: it then behaves exactly like a single-device Trainer.
+        A single rank is not distributed: it then behaves exactly like a single-device Trainer. Neither is an
+        ensemble's evaluation: every rank sees every sample and the same combined outputs, so samplers are left
+        alone and logged values and metrics must not be reduced again (sums would count N times).
         """
-        return self.world_size > 1
+        return self.world_size > 1 and not (self._policy.evaluates_all_samples and self._evaluating())
+
+    def _evaluating(self) -> bool:
+        module = self.lightning_module
+        trainer = module._trainer if module is not None else None
+        return trainer is not None and trainer.state.stage not in (None, RunningStage.TRAINING)
 
     @property
     def num_nodes(self) -> int:
@@ -191,7 +198,7 @@ class MPIStrategy(ParallelStrategy):
         if fitting and self._policy.name != "ensemble":
             check_replicas_match(self.comm, self.lightning_module, self.optimizers)
         self._policy.setup(self.comm, self.lightning_module, fitting=fitting, resuming=trainer.ckpt_path is not None)
-        sync_metrics(self.lightning_module, self.comm)
+        sync_metrics(self.lightning_module, self.comm, lambda: self.is_distributed)
         if not any(isinstance(cb, AbortOnFailure) for cb in trainer.callbacks):
             trainer.callbacks.insert(0, AbortOnFailure(self.comm))
 
@@ -329,7 +336,7 @@ class MPIStrategy(ParallelStrategy):
 
     def _enter_evaluation(self) -> None:
         assert self.lightning_module is not None
-        sync_metrics(self.lightning_module, self.comm)
+        sync_metrics(self.lightning_module, self.comm, lambda: self.is_distributed)
         self._evaluation = ExitStack()
         self._evaluation.enter_context(self._policy.evaluation(self.lightning_module))
 

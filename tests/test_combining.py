@@ -70,6 +70,13 @@ def test_predict_returns_the_vote_for_the_whole_dataset_on_every_rank(runs):
     assert torch.allclose(ensemble[0]["predictions"], ensemble[0]["local_vote"])
 
 
+def test_ensemble_evaluation_counts_each_sample_once(runs):
+    # every rank sees all test samples: metrics and logged sums must not be reduced over ranks again
+    _, _, ensemble, _ = runs
+    _, test = digits_data()
+    assert all(r["counts"] == (len(test), len(test)) for r in ensemble)
+
+
 def test_ensemble_accuracy_at_least_weakest_member(runs):
     _, _, ensemble, _ = runs
     result = ensemble[0]

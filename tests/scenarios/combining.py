@@ -53,7 +53,8 @@ def ensemble(out: Path) -> None:
     train, test = digits_data()
     trainer.fit(model, DataLoader(train, batch_size=32, shuffle=True))
     test_loader = DataLoader(test, batch_size=64)
-    ensemble_acc = trainer.test(model, test_loader, verbose=False)[0]["test_acc"]
+    tested = trainer.test(model, test_loader, verbose=False)[0]
+    ensemble_acc = tested["test_acc"]
     predictions = torch.cat(trainer.predict(model, test_loader))
     # Each member's own logits, outside the strategy's evaluation (plain forward), and their accuracies.
     model.eval()
@@ -70,6 +71,7 @@ def ensemble(out: Path) -> None:
             "predictions": predictions,
             "local_vote": hard_vote_scores(members),
             "ensemble_acc": ensemble_acc,
+            "counts": (tested["test_seen"], tested["test_logged_count"]),
             "member_acc": member_acc,
         },
         out / f"ensemble.rank{comm.rank}.pt",

@@ -144,6 +144,7 @@ class DigitClassifier(LightningModule):
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 10))
         self.test_accuracy = torchmetrics.Accuracy(task="multiclass", num_classes=10)
+        self.test_seen = torchmetrics.SumMetric()  # a count: wrong by a factor if samples were counted twice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -156,6 +157,9 @@ class DigitClassifier(LightningModule):
         x, y = batch
         self.test_accuracy(self(x), y)
         self.log("test_acc", self.test_accuracy)
+        self.test_seen.update(torch.tensor(float(len(y))))
+        self.log("test_seen", self.test_seen)
+        self.log("test_logged_count", float(len(y)), reduce_fx="sum", sync_dist=True)
 
     def predict_step(self, batch, batch_idx):
         return self(batch[0])
