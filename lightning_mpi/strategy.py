@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.types import ReduceOp
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
@@ -26,6 +27,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_mpi import checkpoint as ckpt
+from lightning_mpi.batching import TensorBatches
 from lightning_mpi.buffers import DEFAULT_BUCKET_MB
 from lightning_mpi.checks import check_launch, check_replicas_match
 from lightning_mpi.comm import Communicator, abort_on_exception, world
@@ -63,6 +65,8 @@ class MPIStrategy(ParallelStrategy):
             default; e.g. AMP's gradient scaler handles them), ``"skip"`` (every rank drops this step's
             gradients, so the optimizer does not move; listed in ``skipped_steps``) or ``"raise"``
             (``FloatingPointError`` on every rank). The decision is the same on every rank.
+        fast_tensor_batches: serve the training batches of a plain ``DataLoader`` over a ``TensorDataset`` by
+            indexing the tensors (identical batches, without per-sample fetching and collation).
         communicator: the :class:`~lightning_mpi.comm.Communicator` to use (default: all ranks of the job).
     """
 
@@ -82,6 +86,7 @@ class MPIStrategy(ParallelStrategy):
         num_threads: int | None = None,
         timeout: float | None = 600.0,
         on_nonfinite: str = "ignore",
+        fast_tensor_batches: bool = True,
         communicator: Communicator | None = None,
         accelerator: Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
@@ -103,6 +108,7 @@ class MPIStrategy(ParallelStrategy):
         #: global steps whose gradients were dropped because some rank's were not finite (``on_nonfinite="skip"``)
         self.skipped_steps: list[int] = []
         self._num_threads = num_threads
+        self._fast_tensor_batches = fast_tensor_batches
         self._num_nodes = 1
         self._sync_gradients = True
         self._sigterm_pending = False
@@ -184,6 +190,24 @@ class MPIStrategy(ParallelStrategy):
         super().setup_environment()
 
     @override
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        """On CPU, batches are where they must be: skip Lightning's walk over the batch unless a hook wants it."""
+        if (device or self.root_device).type == "cpu" and not self._batch_hooks_overridden():
+            return batch
+        return super().batch_to_device(batch, device, dataloader_idx)
+
+    def _batch_hooks_overridden(self) -> bool:
+        module = self.lightning_module
+        datamodule = getattr(module._trainer, "datamodule", None) if module is not None and module._trainer else None
+        hooks = ("transfer_batch_to_device", "on_after_batch_transfer")
+        return any(
+            is_overridden(hook, owner, parent)
+            for owner, parent in ((module, LightningModule), (datamodule, LightningDataModule))
+            if owner is not None
+            for hook in hooks
+        )
+
+    @override
     def model_to_device(self) -> None:
         assert self.model is not None
         self.model.to(self.root_device)
@@ -207,6 +231,8 @@ class MPIStrategy(ParallelStrategy):
         """Evaluation and prediction get unpadded contiguous shards (or, for an ensemble, every sample)."""
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         stage = trainer.state.stage if trainer is not None else None
+        if stage == RunningStage.TRAINING and self._fast_tensor_batches and TensorBatches.applies_to(dataloader):
+            return TensorBatches(dataloader)  # type: ignore[arg-type]
         if stage is None or stage == RunningStage.TRAINING or not trainer._accelerator_connector.use_distributed_sampler:
             return dataloader
         replicas = 1 if self._policy.evaluates_all_samples else self.world_size
@@ -265,6 +291,8 @@ class MPIStrategy(ParallelStrategy):
         self.pre_backward(closure_loss)
         assert self.lightning_module is not None
         closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        if self._policy.syncs_gradients:
+            self._policy.before_backward(self.lightning_module)
         self.precision_plugin.backward(closure_loss, self.lightning_module, optimizer, *args, **kwargs)
         if self._sync_gradients and self._policy.syncs_gradients:
             self._policy.after_backward(self.lightning_module)

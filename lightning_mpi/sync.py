@@ -53,6 +53,9 @@ class SyncPolicy:
     #: a stop request (SIGTERM) is agreed on every this many training batches: one tiny collective each time
     stop_check_every = 8
 
+    def before_backward(self, module: Module) -> None:
+        """Called before every backward while gradients are synchronised (also on non-stepping micro-batches)."""
+
     def after_backward(self, module: Module) -> None:
         """Called after every backward whose gradients feed an optimizer step."""
 
@@ -102,6 +105,10 @@ class GradientAllreduce(SyncPolicy):
     averaged gradient. Gradients travel in flat buckets of their own dtype (float64 stays float64).
     A parameter whose gradient is ``None`` on some ranks receives the mean with zeros from those ranks; one
     that has no gradient on any rank keeps ``grad=None``.
+
+    Before backward, every parameter without a gradient gets its (zeroed) slice of the bucket as ``.grad``, so
+    autograd accumulates straight into the bucket: no gradient is allocated, copied in or copied back. A hook
+    notes which parameters really received a gradient, which keeps the ``None`` semantics above.
     """
 
     name = "allreduce"
@@ -115,6 +122,8 @@ class GradientAllreduce(SyncPolicy):
         self._params: list[list[torch.nn.Parameter]] = []
         self._stop_requested = False
         self._stop_agreed = False
+        self._received: list[list[bool]] = []
+        self._hooks: list[Any] = []
 
     def setup(self, comm: Communicator, module: Module, fitting: bool, resuming: bool) -> None:
         super().setup(comm, module, fitting, resuming)
@@ -127,12 +136,34 @@ class GradientAllreduce(SyncPolicy):
         # stop flag: a SIGTERM agreement travels with the gradients instead of in a collective of its own.
         self._buckets = bucketize(trainable, self.bucket_mb, extra_per_tensor=1, extra_per_bucket=1)
         self._params = [list(b.tensors) for b in self._buckets]
+        for handle in self._hooks:
+            handle.remove()
+        self._received = [[False] * len(params) for params in self._params]
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(_mark_received(self._received[b], i))
+            for b, params in enumerate(self._params)
+            for i, p in enumerate(params)
+        ]
+
+    def before_backward(self, module: Module) -> None:
+        if self.comm.size == 1:
+            return
+        with torch.no_grad():
+            for bucket, params in zip(self._buckets, self._params):
+                missing = [i for i, p in enumerate(params) if p.grad is None]
+                if len(missing) == len(params):
+                    bucket.flat.zero_()
+                else:
+                    for i in missing:
+                        bucket.views[i].zero_()
+                for i in missing:
+                    params[i].grad = bucket.views[i]
 
     def after_backward(self, module: Module) -> None:
         if self.comm.size == 1:
             return
-        for bucket, params in zip(self._buckets, self._params):
-            self._allreduce_bucket(bucket, params)
+        for bucket, params, received in zip(self._buckets, self._params, self._received):
+            self._allreduce_bucket(bucket, params, received)
 
     def agree_on_stop(self, requested: bool, batch: int) -> bool:
         # Answered from the last gradient allreduce, which carried every rank's request.
@@ -146,23 +177,38 @@ class GradientAllreduce(SyncPolicy):
             return super().gradients_finite(module)
         return all(bool(torch.isfinite(b.flat).all()) for b in self._buckets)
 
-    def _allreduce_bucket(self, bucket: Bucket, params: list[torch.nn.Parameter]) -> None:
+    def _allreduce_bucket(self, bucket: Bucket, params: list[torch.nn.Parameter], received: list[bool]) -> None:
         grads = [p.grad for p in params]
         with torch.no_grad():
+            # Gradients autograd did not accumulate into the bucket (create_graph, or set by hand) are copied in.
             pairs = [(v, g) for v, g in zip(bucket.views, grads) if g is not None and g.data_ptr() != v.data_ptr()]
             if pairs:
                 torch._foreach_copy_([v for v, _ in pairs], [g for _, g in pairs])
-            for view, grad in zip(bucket.views, grads):
-                if grad is None:
+            flags = [0.0 if g is None or not (got or g.data_ptr() != v.data_ptr()) else 1.0
+                     for g, got, v in zip(grads, received, bucket.views)]
+            for view, flag in zip(bucket.views, flags):
+                if flag == 0.0:
                     view.zero_()
-            flags = [0.0 if g is None else 1.0 for g in grads] + [1.0 if self._stop_requested else 0.0]
-            bucket.tail.copy_(torch.tensor(flags))
+            flags.append(1.0 if self._stop_requested else 0.0)
+            tail = bucket.tail.numpy() if bucket.tail.device.type == "cpu" else None  # numpy: ~1 µs, torch: ~5
+            if tail is not None:
+                tail[:] = flags
+            else:
+                bucket.tail.copy_(torch.tensor(flags))
             self.comm.allreduce_(bucket.flat, "mean")
-        *present_flags, stop = bucket.tail.tolist()
+        received[:] = [False] * len(received)
+        *present_flags, stop = (tail if tail is not None else bucket.tail).tolist()
         self._stop_agreed = self._stop_agreed or stop > 0
         for p, view, present in zip(params, bucket.views, present_flags):
             # The averaged gradient is handed out as a view of the bucket: no copy back.
             p.grad = view if present > 0 else None
+
+
+def _mark_received(received: list[bool], index: int) -> Callable[[Tensor], None]:
+    def mark(_: Tensor) -> None:
+        received[index] = True
+
+    return mark
 
 
 class ParameterAveraging(SyncPolicy):
@@ -221,6 +267,10 @@ class ParameterAveraging(SyncPolicy):
         self._gradients.build_buckets(module)
         self._buckets = bucketize(_floating_state(module), self._bucket_mb)
         self._in_sync = True
+
+    def before_backward(self, module: Module) -> None:
+        if self.steps < self.warmup_steps:
+            self._gradients.before_backward(module)
 
     def after_backward(self, module: Module) -> None:
         if self.steps < self.warmup_steps:
