@@ -102,7 +102,6 @@ def test_non_basic_sweepers_and_launchers_are_refused_under_mpi(monkeypatch: pyt
         check_sweep_plugins(hydra_cfg)
 
 
-@pytest.mark.skipif(not TENNESSEE.is_file(), reason="the Tennessee series is not available")
 def test_two_rank_multirun_shares_job_directories_and_statistics(tmp_path: Path) -> None:
     from mpirun import check, run_mpi
 

@@ -27,7 +27,6 @@ from lightning_mpi.data.timeseries import (
 )
 
 TENNESSEE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tennessee-covid19-nyt.csv"
-needs_tennessee = pytest.mark.skipif(not TENNESSEE.is_file(), reason=f"{TENNESSEE} not available")
 
 
 def write(tmp_path: Path, text: str, name: str = "data.csv") -> Path:
@@ -58,7 +57,6 @@ def test_sir_series_is_seeded_and_shaped_like_tennessee() -> None:
 # -- loaders and their errors ------------------------------------------------------------------------------------------
 
 
-@needs_tennessee
 def test_nyt_loader_reads_tennessee() -> None:
     cumulative = load_nyt_state(TENNESSEE, "Tennessee", days=766)
     assert cumulative.shape == (766,) and cumulative[0] == 1 and cumulative[3] == 3
@@ -170,7 +168,6 @@ def test_baselines() -> None:
         seasonal_naive(x[:, :5], 1)
 
 
-@needs_tennessee
 def test_datamodule_on_tennessee_reproduces_the_persistence_figure() -> None:
     data = ForecastDataModule(source="nyt", path=str(TENNESSEE), transform="level", scaler="minmax")
     data.prepare()

@@ -143,7 +143,6 @@ def test_mismatched_counts_and_missing_files(tmp_path: Path, tiny: tuple[np.ndar
         load_idx_images(tmp_path / "nowhere")
 
 
-@pytest.mark.skipif(not MNIST.is_dir(), reason="shared MNIST test split not available")
 def test_shared_mnist_split_loads_and_splits_stratified() -> None:
     x, y = load_idx_images(MNIST)
     assert x.shape == (10_000, 1, 28, 28) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
