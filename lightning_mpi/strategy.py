@@ -291,9 +291,12 @@ class MPIStrategy(ParallelStrategy):
         self.pre_backward(closure_loss)
         assert self.lightning_module is not None
         closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        scaled = closure_loss
         if self._policy.syncs_gradients:
             self._policy.before_backward(self.lightning_module)
-        self.precision_plugin.backward(closure_loss, self.lightning_module, optimizer, *args, **kwargs)
+            scale = self._policy.loss_scale  # the policy's gradient reduction then needs no division
+            scaled = closure_loss * scale if scale != 1.0 else closure_loss
+        self.precision_plugin.backward(scaled, self.lightning_module, optimizer, *args, **kwargs)
         if self._sync_gradients and self._policy.syncs_gradients:
             self._policy.after_backward(self.lightning_module)
         if self._sync_gradients and self._on_nonfinite != "ignore":

@@ -53,6 +53,11 @@ class SyncPolicy:
     #: a stop request (SIGTERM) is agreed on every this many training batches: one tiny collective each time
     stop_check_every = 8
 
+    @property
+    def loss_scale(self) -> float:
+        """Factor the strategy applies to the loss before a synchronised backward."""
+        return 1.0
+
     def before_backward(self, module: Module) -> None:
         """Called before every backward while gradients are synchronised (also on non-stepping micro-batches)."""
 
@@ -108,7 +113,10 @@ class GradientAllreduce(SyncPolicy):
 
     Before backward, every parameter without a gradient gets its (zeroed) slice of the bucket as ``.grad``, so
     autograd accumulates straight into the bucket: no gradient is allocated, copied in or copied back. A hook
-    notes which parameters really received a gradient, which keeps the ``None`` semantics above.
+    notes which parameters really received a gradient, which keeps the ``None`` semantics above. The loss is
+    scaled by ``1/N`` before backward (see :attr:`loss_scale`), so the allreduce is a plain sum; gradients
+    therefore must come from a backward through the strategy (``training_step`` or ``manual_backward``), and
+    on a non-stepping micro-batch of gradient accumulation they hold ``local gradient / N``.
     """
 
     name = "allreduce"
@@ -144,6 +152,12 @@ class GradientAllreduce(SyncPolicy):
             for b, params in enumerate(self._params)
             for i, p in enumerate(params)
         ]
+
+    @property
+    def loss_scale(self) -> float:
+        # Backward of loss / N leaves gradient / N in the bucket, so a plain sum over ranks is already the mean:
+        # no division pass over the gradients after the allreduce.
+        return 1.0 / self.comm.size
 
     def before_backward(self, module: Module) -> None:
         if self.comm.size == 1:
@@ -195,9 +209,9 @@ class GradientAllreduce(SyncPolicy):
                 tail[:] = flags
             else:
                 bucket.tail.copy_(torch.tensor(flags))
-            self.comm.allreduce_(bucket.flat, "mean")
+            self.comm.allreduce_(bucket.flat, "sum")  # of gradients already divided by N: see loss_scale
         received[:] = [False] * len(received)
-        *present_flags, stop = (tail if tail is not None else bucket.tail).tolist()
+        *present_flags, stop = (tail if tail is not None else bucket.tail).tolist()  # sums of 0/1 flags
         self._stop_agreed = self._stop_agreed or stop > 0
         for p, view, present in zip(params, bucket.views, present_flags):
             # The averaged gradient is handed out as a view of the bucket: no copy back.
@@ -267,6 +281,10 @@ class ParameterAveraging(SyncPolicy):
         self._gradients.build_buckets(module)
         self._buckets = bucketize(_floating_state(module), self._bucket_mb)
         self._in_sync = True
+
+    @property
+    def loss_scale(self) -> float:
+        return self._gradients.loss_scale if self.steps < self.warmup_steps else 1.0
 
     def before_backward(self, module: Module) -> None:
         if self.steps < self.warmup_steps:
