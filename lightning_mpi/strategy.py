@@ -238,10 +238,6 @@ class MPIStrategy(ParallelStrategy):
         replicas = 1 if self._policy.evaluates_all_samples else self.world_size
         return shard_evaluation_dataloader(dataloader, replicas, self.global_rank if replicas > 1 else 0)
 
-    @override
-    def teardown(self) -> None:
-        super().teardown()
-
     # -- communication for Lightning ---------------------------------------------------------------------
 
     @override

@@ -278,7 +278,8 @@ class ParameterAveraging(SyncPolicy):
         if not resuming:  # a resumed rank continues from its own model, stored in the checkpoint
             broadcast_module(comm, module)
         self._gradients.comm = comm
-        self._gradients.build_buckets(module)
+        if self.warmup_steps > 0:  # gradient buckets (and their per-parameter hooks) only serve the warm-up
+            self._gradients.build_buckets(module)
         self._buckets = bucketize(_floating_state(module), self._bucket_mb)
         self._in_sync = True
 

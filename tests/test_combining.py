@@ -28,6 +28,12 @@ def test_average_every_step_equals_gradient_allreduce(runs):
     assert max_diff(averaging[0]["every_step"], averaging[0]["allreduce"]) <= 1e-5
 
 
+def test_warmup_steps_use_gradient_allreduce(runs):
+    _, averaging, _, _ = runs
+    # equal up to the rounding of the final average (exact at 2 ranks, ~3e-8 at 3)
+    assert max_diff(averaging[0]["warmup_throughout"], averaging[0]["allreduce"]) <= 1e-6
+
+
 def test_parameters_and_buffers_identical_after_averaging(runs):
     world, averaging, _, _ = runs
     assert len(averaging) == world

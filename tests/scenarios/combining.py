@@ -24,7 +24,12 @@ def averaging(out: Path) -> None:
     comm = world()
     results = {}
     # Plain SGD: averaging after every step is gradient allreduce.
-    for name, strategy in (("allreduce", MPIStrategy()), ("every_step", MPIStrategy(sync="average", every_n_steps=1))):
+    variants = (
+        ("allreduce", MPIStrategy()),
+        ("every_step", MPIStrategy(sync="average", every_n_steps=1)),
+        ("warmup_throughout", MPIStrategy(sync="average", warmup_steps=20)),  # post-local SGD, never local
+    )
+    for name, strategy in variants:
         model, dtype, _ = build("sgd_momentum")
         model.configure_optimizers = lambda m=model: torch.optim.SGD(m.parameters(), lr=0.05)
         trainer = quiet_trainer(strategy=strategy, max_steps=20)
