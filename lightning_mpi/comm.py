@@ -163,20 +163,22 @@ class MPICommunicator(Communicator):
     # -- buffers ---------------------------------------------------------------------------------------
 
     def _wire(self, tensor: Tensor, reducing: bool) -> tuple[Tensor, bool]:
-        """The host tensor MPI reads and writes, and whether it is a staging copy to write back."""
-        on_host = tensor.device.type == "cpu" or (self.cuda_aware and tensor.device.type == "cuda")
+        """The tensor MPI reads and writes, and whether it is a staging copy to write back.
+
+        Contiguous tensors in memory MPI can read (host memory; device memory if the MPI is CUDA-aware) are
+        used in place. 16-bit floats are reduced in float32; for pure data movement they travel as raw bits.
+        """
         if reducing and tensor.dtype not in _NUMPY_REDUCIBLE:
             wire = tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else torch.int64)
             return wire, True
-        if on_host and tensor.is_contiguous() and tensor.device.type == "cpu":
-            view = tensor.detach()
-            return (view.view(_BIT_VIEWS[view.dtype]) if view.dtype in _BIT_VIEWS else view), False
-        staged = tensor.detach().to("cpu").contiguous()
-        return (staged.view(_BIT_VIEWS[staged.dtype]) if staged.dtype in _BIT_VIEWS else staged), True
+        readable = tensor.device.type == "cpu" or (self.cuda_aware and tensor.device.type == "cuda")
+        staged = not (readable and tensor.is_contiguous())
+        wire = tensor.detach().to("cpu").contiguous() if staged else tensor.detach()
+        return (wire.view(_BIT_VIEWS[wire.dtype]) if wire.dtype in _BIT_VIEWS else wire), staged
 
     @staticmethod
     def _write_back(tensor: Tensor, wire: Tensor) -> None:
-        if wire.dtype != tensor.dtype and tensor.dtype in _BIT_VIEWS and wire.dtype == _BIT_VIEWS[tensor.dtype]:
+        if tensor.dtype in _BIT_VIEWS and wire.dtype == _BIT_VIEWS[tensor.dtype]:
             wire = wire.view(tensor.dtype)
         with torch.no_grad():
             tensor.copy_(wire)
@@ -206,7 +208,7 @@ class MPICommunicator(Communicator):
         if watchdog is not None:  # the hot path: no context manager
             watchdog.enter("allreduce", tensor)
         try:
-            self._comm.Allreduce(self._MPI.IN_PLACE, wire.numpy(), op=self._ops[op])
+            self._comm.Allreduce(self._MPI.IN_PLACE, _buffer(wire), op=self._ops[op])
         finally:
             if watchdog is not None:
                 watchdog.exit()
@@ -223,7 +225,7 @@ class MPICommunicator(Communicator):
             return tensor
         wire, staged = self._wire(tensor, reducing=False)
         with self._collective(f"broadcast(root={root})", tensor):
-            self._comm.Bcast(wire.numpy(), root=root)
+            self._comm.Bcast(_buffer(wire), root=root)
         self._bytes += wire.numel() * wire.element_size()
         if staged:
             self._write_back(tensor, wire)
@@ -242,9 +244,9 @@ class MPICommunicator(Communicator):
         tensor = tensor.to(dtype).reshape(shapes[self.rank])
         wire, _ = self._wire(tensor, reducing=False)
         counts = [_numel(shape) for shape in shapes]
-        out = torch.empty(sum(counts), dtype=wire.dtype)
+        out = torch.empty(sum(counts), dtype=wire.dtype, device=wire.device)
         with self._collective("allgather", tensor):
-            self._comm.Allgatherv(wire.numpy().reshape(-1), [out.numpy(), counts])
+            self._comm.Allgatherv(_buffer(wire.reshape(-1)), [_buffer(out), counts])
         if dtype in _BIT_VIEWS:
             out = out.view(dtype)
         return [part.reshape(shape).to(tensor.device) for part, shape in zip(torch.split(out, counts), shapes)]
@@ -275,13 +277,10 @@ class MPICommunicator(Communicator):
     def bytes_sent(self) -> int:
         return self._bytes
 
-    # -- used by the watchdog thread only ----------------------------------------------------------------
 
-    def _side_channel(self) -> Any:
-        return self._side
-
-    def _start_side_channel(self) -> None:
-        self._side = self._comm.Dup()
+def _buffer(tensor: Tensor) -> Any:
+    """What mpi4py takes as a buffer: a numpy view of host memory, or the CUDA tensor itself (CUDA-aware MPI)."""
+    return tensor.numpy() if tensor.device.type == "cpu" else tensor
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -350,7 +349,8 @@ class _Watchdog:
         self._count = 0
         self._tensor: Tensor | None = None
         self._last = "none yet"
-        comm._start_side_channel()
+        # Status queries travel on a communicator of their own, never mixed with the collectives they watch.
+        self._side = comm._comm.Dup()
         self._thread = threading.Thread(target=self._run, name="lightning-mpi-watchdog", daemon=True)
         self._thread.start()
         # Runs before mpi4py's own atexit MPI_Finalize (atexit is last-in, first-out): no MPI call may follow it.
@@ -382,7 +382,7 @@ class _Watchdog:
         return f"waiting {waited:.0f} s in #{self._count} {self._describe(op)} ({self._comm.context or 'no step'})"
 
     def _run(self) -> None:
-        side = self._comm._side_channel()
+        side = self._side
         period = min(0.5, self.timeout / 4)
         while not self._stopped.wait(period):
             self._answer_queries(side)

@@ -19,11 +19,14 @@ Resolvers only read values fixed before Hydra started: they never communicate.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from lightning_mpi.comm import launched_by_mpi, launcher_rank
@@ -138,3 +141,23 @@ def mpi_hydra_main(
         return entry
 
     return decorate
+
+
+def job_output_dir(cfg: Any) -> Path:
+    """``cfg.output_dir`` if set, else the Hydra job's directory (the same on every rank); created if missing."""
+    if cfg.get("output_dir"):
+        path = Path(cfg.output_dir)
+    else:
+        from hydra.core.hydra_config import HydraConfig
+
+        path = Path(HydraConfig.get().runtime.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    """Readers see the old file or the complete new one, never a partial write."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, default=str)
+    os.replace(tmp, path)

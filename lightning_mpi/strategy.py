@@ -113,6 +113,7 @@ class MPIStrategy(ParallelStrategy):
         self._sync_gradients = True
         self._sigterm_pending = False
         self._batches_seen = 0
+        self._evaluation: ExitStack | None = None
         #: payload bytes this rank sent in collectives during each training epoch (see ``sync="average"``)
         self.bytes_per_epoch: list[int] = []
         self._bytes_at_epoch_start: int | None = None
@@ -368,9 +369,8 @@ class MPIStrategy(ParallelStrategy):
         self._evaluation.enter_context(self._policy.evaluation(self.lightning_module))
 
     def _exit_evaluation(self) -> None:
-        evaluation = getattr(self, "_evaluation", None)
-        if evaluation is not None:
-            self._evaluation = None
+        if self._evaluation is not None:
+            evaluation, self._evaluation = self._evaluation, None
             evaluation.close()
 
     @override

@@ -22,8 +22,7 @@ from lightning_mpi import voting
 
 def _floating_state(module: Module) -> list[Tensor]:
     """Parameters and floating-point buffers (BatchNorm running statistics), in a fixed order."""
-    tensors = list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
-    return tensors
+    return list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
 
 
 def broadcast_module(comm: Communicator, module: Module, root: int = 0) -> None:

@@ -64,23 +64,21 @@ def build(workload: str) -> tuple[Any, Any, Callable]:
 # -- variants (run inside each rank) -----------------------------------------------------------------------
 
 
-class EpochTimer:
-    """A Lightning callback recording wall time per training epoch."""
+def epoch_timer() -> Any:
+    """A Lightning callback recording wall time per training epoch in ``.times``."""
+    from lightning.pytorch import Callback
 
-    def __new__(cls) -> Any:
-        from lightning.pytorch import Callback
+    class EpochTimer(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
 
-        class _Timer(Callback):
-            def __init__(self) -> None:
-                self.times: list[float] = []
+        def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
+            self._start = time.perf_counter()
 
-            def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
-                self._start = time.perf_counter()
+        def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
+            self.times.append(time.perf_counter() - self._start)
 
-            def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
-                self.times.append(time.perf_counter() - self._start)
-
-        return _Timer()
+    return EpochTimer()
 
 
 def lightning_epochs(workload: str, variant: str, epochs: int) -> list[float]:
@@ -99,7 +97,7 @@ def lightning_epochs(workload: str, variant: str, epochs: int) -> list[float]:
         "ceiling": lambda: MPIStrategy(sync="ensemble", num_threads=1),
         "ddp_gloo": lambda: DDPStrategy(process_group_backend="gloo"),
     }[variant]()
-    timer = EpochTimer()
+    timer = epoch_timer()
     trainer = Trainer(
         accelerator="cpu", strategy=strategy, max_epochs=epochs + 1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,

@@ -11,7 +11,6 @@ command line.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from torch import Tensor
 from lightning_mpi import MPIStrategy, hard_vote
 from lightning_mpi.comm import Communicator, world
 from lightning_mpi.data.images import ClassificationDataModule, stratified_folds, stratified_split
-from lightning_mpi.hydra import mpi_hydra_main
+from lightning_mpi.hydra import job_output_dir, mpi_hydra_main, write_json_atomically
 from lightning_mpi.threads import choose_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the report's plotting helpers sit next to this file
@@ -51,7 +50,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result["wall_time_s"] = time.perf_counter() - start
     result["config"] = OmegaConf.to_container(cfg, resolve=True)
     if world().rank == 0:
-        _write(result, _output_dir(cfg))
+        _write(result, job_output_dir(cfg))
     return result
 
 
@@ -96,7 +95,7 @@ def _trainer(cfg: DictConfig, strategy: Strategy) -> Trainer:
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(options, dict)
     options.update(strategy=strategy, logger=False, enable_checkpointing=False, enable_model_summary=False)
-    options.setdefault("default_root_dir", str(_output_dir(cfg)))
+    options.setdefault("default_root_dir", str(job_output_dir(cfg)))
     return Trainer(**options)
 
 
@@ -221,17 +220,8 @@ def confusion(predicted: Tensor, target: Tensor, num_classes: int) -> Tensor:
     return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def _output_dir(cfg: DictConfig) -> Path:
-    if cfg.get("output_dir"):
-        return Path(cfg.output_dir)
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.output_dir)
-
-
 def _write(result: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomically(out / "result.json", result)
     title = f"{result['experiment']} on {result['data']}, {result['ranks']} rank(s): accuracy {result['metrics']['acc']:.4f}"
     plot_confusion_matrix(result["confusion_matrix"], out / "confusion_matrix.png", title)
 

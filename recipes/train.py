@@ -11,7 +11,6 @@ same targets, wall times, ranks, config) and ``forecast.png`` into the job's dir
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_mpi.hydra import mpi_hydra_main
+from lightning_mpi.hydra import job_output_dir, mpi_hydra_main, write_json_atomically
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -40,7 +39,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     start = time.perf_counter()
     comm = world()
-    _quiet_other_ranks(comm.rank)
     strategy = instantiate(cfg.strategy)
     if comm.size > 1 and not isinstance(strategy, MPIStrategy):
         raise ValueError(
@@ -69,20 +67,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result = _result(cfg, comm.size, data, model, logged, forecast, fit_seconds)
     result["total_seconds"] = _slowest(comm, time.perf_counter() - start)
     if comm.rank == 0:
-        out = _output_dir(cfg)
+        out = job_output_dir(cfg)
         write_json_atomically(out / "result.json", result)
         if cfg.plot:
             plot_forecast(out / "forecast.png", data, forecast, result)
     return result
-
-
-def _quiet_other_ranks(rank: int) -> None:
-    # Lightning's rank-zero filter reads RANK/LOCAL_RANK, which mpirun does not set: until the strategy sets up,
-    # every rank would print the Trainer's banner.
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-    from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
-
-    rank_zero_only.rank = utils_rank_zero_only.rank = rank
 
 
 def _slowest(comm: Any, seconds: float) -> float:
@@ -116,25 +105,6 @@ def _result(
         "fit_seconds": fit_seconds,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-
-
-def _output_dir(cfg: DictConfig) -> Path:
-    if cfg.output_dir is not None:
-        path = Path(cfg.output_dir)
-    else:
-        from hydra.core.hydra_config import HydraConfig
-
-        path = Path(HydraConfig.get().runtime.output_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    """Readers see the old file or the complete new one, never a partial write."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def plot_forecast(path: Path, data: Any, forecast: np.ndarray, result: dict[str, Any]) -> None:
