@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, Iterator, Literal
@@ -88,6 +88,15 @@ class Communicator:
         """Reduce ``tensor`` across ranks in place and return it. ``"mean"`` needs a floating-point tensor."""
         _check_op(tensor, op)
         return tensor
+
+    def prepared_allreduce(self, tensor: Tensor, op: ReduceOpName = "sum") -> Callable[[], Tensor]:
+        """A reusable in-place :meth:`allreduce_` of ``tensor``, for a buffer reduced again and again (buckets).
+
+        The buffer is described to MPI once, so each call costs what the MPI call itself costs. ``tensor`` must
+        keep its memory (no resizing) while the returned callable is in use.
+        """
+        _check_op(tensor, op)
+        return lambda: self.allreduce_(tensor, op)
 
     def broadcast_(self, tensor: Tensor, root: int = 0) -> Tensor:
         """Overwrite ``tensor`` on every rank with the values of rank ``root``."""
@@ -219,6 +228,28 @@ class MPICommunicator(Communicator):
             with torch.no_grad():
                 tensor.div_(self.size)
         return tensor
+
+    def prepared_allreduce(self, tensor: Tensor, op: ReduceOpName = "sum") -> Callable[[], Tensor]:
+        _check_op(tensor, op)
+        direct = tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.dtype in _NUMPY_REDUCIBLE
+        if self.size == 1 or op == "mean" or not direct:
+            return super().prepared_allreduce(tensor, op)  # staged, on a device, or divided: the general path
+        allreduce, in_place, mpi_op, buffer = self._comm.Allreduce, self._MPI.IN_PLACE, self._ops[op], tensor.detach().numpy()
+        nbytes = tensor.numel() * tensor.element_size()
+
+        def run() -> Tensor:
+            watchdog = self._watchdog
+            if watchdog is not None:
+                watchdog.enter("allreduce", tensor)
+            try:
+                allreduce(in_place, buffer, op=mpi_op)
+            finally:
+                if watchdog is not None:
+                    watchdog.exit()
+            self._bytes += nbytes
+            return tensor
+
+        return run
 
     def broadcast_(self, tensor: Tensor, root: int = 0) -> Tensor:
         if self.size == 1:

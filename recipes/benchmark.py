@@ -20,8 +20,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 WORKLOADS = {
     # name: (samples, per-rank batch, timed epochs); sizes of the recipes (752 LSTM windows, 3,200 CNN images).
@@ -153,43 +154,52 @@ def allreduce_micro(repeats: int) -> dict[str, dict[int, float]]:
     raw_comm = MPI.COMM_WORLD
     rank, _ = _world()
     out: dict[str, dict[int, float]] = {k: {} for k in ("raw_mpi4py", "strategy", "strategy_no_watchdog", "gloo")}
+    communicators = {"strategy": MPICommunicator(timeout=600.0), "strategy_no_watchdog": MPICommunicator(timeout=None)}
     for kb in SIZES_KB:
         n = kb * 1024 // 4
         buf = torch.ones(n)
-        out["raw_mpi4py"][kb] = _time(lambda: raw_comm.Allreduce(MPI.IN_PLACE, buf.numpy(), op=MPI.SUM), repeats)
-        for key, timeout in (("strategy", 600.0), ("strategy_no_watchdog", None)):
-            comm = MPICommunicator(timeout=timeout)
+        calls = {"raw_mpi4py": lambda buf=buf: raw_comm.Allreduce(MPI.IN_PLACE, buf.numpy(), op=MPI.SUM)}
+        for key, comm in communicators.items():
             layer = torch.nn.Linear(n, 1, bias=False)
             policy = GradientAllreduce()
             policy.setup(comm, layer, fitting=True, resuming=False)
             policy.before_backward(layer)  # the gradient now lives in the bucket, where backward accumulates
-
-            def strategy_step() -> None:
-                policy._received[0][0] = True  # what the post-accumulate hook records during backward
-                policy.after_backward(layer)
-
-            out[key][kb] = _time(strategy_step, repeats)
-            if comm._watchdog is not None:
-                comm._watchdog.stop()
-        out["gloo"][kb] = _time(lambda: dist.all_reduce(buf), repeats)
+            calls[key] = _strategy_step(policy, layer)
+        calls["gloo"] = lambda buf=buf: dist.all_reduce(buf)
+        for key, seconds in _time_interleaved(calls, repeats).items():
+            out[key][kb] = seconds
+    for comm in communicators.values():
+        if comm._watchdog is not None:
+            comm._watchdog.stop()
     if rank == 0:
         print(json.dumps(out), flush=True)
     return out
 
 
-def _time(fn: Callable[[], None], repeats: int) -> float:
+def _strategy_step(policy: Any, layer: Any) -> Callable[[], None]:
+    def step() -> None:
+        policy._received[0][0] = True  # what the post-accumulate hook records during backward
+        policy.after_backward(layer)
+
+    return step
+
+
+def _time_interleaved(calls: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds per call; the calls take turns in short blocks, so machine drift hits them alike."""
     from mpi4py import MPI
 
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        MPI.COMM_WORLD.Barrier()
-        start = time.perf_counter()
-        for _ in range(10):
+    for fn in calls.values():
+        for _ in range(3):
             fn()
-        samples.append((time.perf_counter() - start) / 10)
-    return statistics.median(samples)
+    samples: dict[str, list[float]] = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, fn in calls.items():
+            MPI.COMM_WORLD.Barrier()
+            start = time.perf_counter()
+            for _ in range(10):
+                fn()
+            samples[key].append((time.perf_counter() - start) / 10)
+    return {key: statistics.median(values) for key, values in samples.items()}
 
 
 def _world() -> tuple[int, int]:
@@ -200,9 +210,8 @@ def _world() -> tuple[int, int]:
 
 def _init_gloo() -> None:
     import torch.distributed as dist
-    from mpi4py import MPI
-
     from lightning.fabric.plugins.environments.lightning import find_free_network_port
+    from mpi4py import MPI
 
     rank, size = _world()
     port = MPI.COMM_WORLD.bcast(find_free_network_port() if rank == 0 else None, root=0)
@@ -243,7 +252,7 @@ def worker(args: argparse.Namespace) -> None:
 
         if not dist.is_initialized():
             _init_gloo()
-        results["allreduce"] = allreduce_micro(args.repeats * 5)
+        results["allreduce"] = allreduce_micro(args.repeats * 10)
     if rank == 0:
         Path(args.worker_out).write_text(json.dumps(results, indent=1))
 
@@ -257,7 +266,8 @@ def launch(args: argparse.Namespace, ranks: int, out: Path) -> dict[str, Any]:
     cmd = [
         "mpirun", "-n", str(ranks), "--oversubscribe", sys.executable, __file__, "--worker-out", str(target),
         "--epochs", str(args.epochs), "--repeats", str(args.repeats), "--workloads", *args.workloads,
-    ] + (["--micro"] if args.micro else [])
+        "--micro" if args.micro else "--no-micro",
+    ]
     subprocess.run(cmd, check=True, env=env, timeout=args.timeout)
     return json.loads(target.read_text())
 
@@ -267,7 +277,6 @@ def report(results: dict[int, dict[str, Any]], out: Path) -> str:
     ranks = sorted(results)
     header = "| workload | variant | " + " | ".join(f"{r} rank{'s' if r > 1 else ''}" for r in ranks) + " |"
     lines += [header, "|" + "---|" * (len(ranks) + 2)]
-    single = {w: results[ranks[0]]["epochs"].get(f"{w}/handwritten") for w in WORKLOADS}
     for workload in WORKLOADS:
         for variant in VARIANTS:
             cells = [results[r]["epochs"].get(f"{workload}/{variant}") for r in ranks]
@@ -276,10 +285,25 @@ def report(results: dict[int, dict[str, Any]], out: Path) -> str:
             lines.append(
                 f"| {workload} | {variant} | " + " | ".join("" if c is None else f"{c * 1000:.1f}" for c in cells) + " |"
             )
+    if 1 in results and len(ranks) > 1:
+        lines += [
+            "",
+            (
+                "Speed-up over one process on all the data (hand-written: over the 1-rank hand-written loop; "
+                "the other variants: over the 1-rank Lightning run, i.e. a single-device Trainer):"
+            ),
+            "",
+        ]
+        lines += ["| workload | variant | " + " | ".join(f"{r} ranks" for r in ranks[1:]) + " |", "|" + "---|" * (len(ranks) + 1)]
+        for workload in WORKLOADS:
+            for variant in VARIANTS:
+                cells = [speedup(results, workload, variant, r) for r in ranks[1:]]
+                if any(c is not None for c in cells):
+                    lines.append(f"| {workload} | {variant} | " + " | ".join("" if c is None else f"{c:.2f}" for c in cells) + " |")
     lines += ["", "Ratios at the largest rank count (targets of the performance issue):", ""]
     top = results[ranks[-1]]["epochs"]
     for workload in WORKLOADS:
-        get = lambda v: top.get(f"{workload}/{v}")  # noqa: E731
+        get = lambda v, w=workload: top.get(f"{w}/{v}")
         if get("mpi_allreduce") is None:
             continue
         parts = [f"**{workload}**: allreduce/DDP {get('mpi_allreduce') / get('ddp_gloo'):.2f}" if get("ddp_gloo") else ""]
@@ -287,8 +311,11 @@ def report(results: dict[int, dict[str, Any]], out: Path) -> str:
             parts.append(f"allreduce/ceiling {get('mpi_allreduce') / get('ceiling'):.2f}")
             parts.append(f"average/ceiling {get('mpi_average') / get('ceiling'):.2f}")
         parts.append(f"allreduce/hand-written {get('mpi_allreduce') / get('handwritten'):.2f}")
-        if single[workload] and get("ceiling"):
-            parts.append(f"ceiling vs 1-rank hand-written: {100 * (get('ceiling') / single[workload] - 1):+.0f} % time")
+        sequential = results[ranks[0]]["epochs"] if ranks[0] == 1 else {}
+        for label, key in (("1-rank Lightning", "mpi_allreduce"), ("1-rank hand-written", "handwritten")):
+            if sequential.get(f"{workload}/{key}") and get("ceiling"):
+                change = 100 * (get("ceiling") / sequential[f"{workload}/{key}"] - 1)
+                parts.append(f"ensemble (ceiling) vs {label}: {change:+.0f} % time")
         lines.append("- " + ", ".join(p for p in parts if p))
     micro = results[ranks[-1]].get("allreduce")
     if micro:
@@ -303,6 +330,14 @@ def report(results: dict[int, dict[str, Any]], out: Path) -> str:
     return text
 
 
+def speedup(results: dict[int, dict[str, Any]], workload: str, variant: str, ranks: int) -> float | None:
+    """Epoch time of one process on all the data over the epoch time of ``variant`` at ``ranks`` ranks."""
+    reference = "handwritten" if variant == "handwritten" else "mpi_allreduce"
+    base = results.get(1, {}).get("epochs", {}).get(f"{workload}/{reference}")
+    time_n = results.get(ranks, {}).get("epochs", {}).get(f"{workload}/{variant}")
+    return base / time_n if base and time_n else None
+
+
 def _plots(results: dict[int, dict[str, Any]], out: Path) -> None:
     import matplotlib
 
@@ -310,15 +345,24 @@ def _plots(results: dict[int, dict[str, Any]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     ranks = sorted(results)
-    fig, axes = plt.subplots(1, len(WORKLOADS), figsize=(4 * len(WORKLOADS), 3.5))
-    for ax, workload in zip(axes, WORKLOADS):
+    fig, axes = plt.subplots(2, len(WORKLOADS), figsize=(4 * len(WORKLOADS), 7), squeeze=False)
+    for column, workload in enumerate(WORKLOADS):
+        time_ax, speed_ax = axes[0][column], axes[1][column]
         for variant in VARIANTS:
             points = [(r, results[r]["epochs"].get(f"{workload}/{variant}")) for r in ranks]
             points = [(r, t * 1000) for r, t in points if t is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", label=variant)
-        ax.set(title=workload, xlabel="ranks", ylabel="ms / epoch", xticks=ranks)
-    axes[0].legend(fontsize=7)
+                time_ax.plot(*zip(*points), marker="o", label=variant)
+            speeds = [(r, 1.0 if r == 1 and variant in ("mpi_allreduce", "handwritten") else speedup(results, workload, variant, r))
+                      for r in ranks]
+            speeds = [(r, v) for r, v in speeds if v is not None]
+            if speeds:
+                speed_ax.plot(*zip(*speeds), marker="o", label=variant)
+        speed_ax.plot(ranks, ranks, color="grey", linestyle=":", label="linear")
+        time_ax.set(title=workload, xlabel="ranks", ylabel="ms / epoch", xticks=ranks)
+        speed_ax.set(xlabel="ranks", ylabel="speed-up over 1 process", xticks=ranks)
+    axes[0][0].legend(fontsize=7)
+    axes[1][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "epoch_time.png", dpi=120)
     plt.close(fig)

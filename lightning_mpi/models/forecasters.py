@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
-from torchmetrics import MeanAbsoluteError, MeanSquaredError
+from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError
 
 from lightning_mpi.data.timeseries import WindowTransform
 
@@ -53,6 +53,7 @@ class RecurrentForecaster(LightningModule):
         )
         self.head = nn.Linear(hidden_size * (2 if self.bidirectional else 1), horizon)
         self.transform = transform
+        self.train_loss = MeanMetric()
         self.test_rmse = MeanSquaredError(squared=False)
         self.test_mae = MeanAbsoluteError()
 
@@ -64,8 +65,13 @@ class RecurrentForecaster(LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         x, y, _, _ = batch
         loss = nn.functional.mse_loss(self(x), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True)
+        # The epoch's mean loss over all ranks. A self.log per step would cost ~0.3 ms, a tenth of this model's
+        # step on one CPU thread; the metric's update costs ~0.03 ms and it is logged once per epoch.
+        self.train_loss.update(loss.detach(), len(y))
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/loss", self.train_loss)
 
     def forecast(self, batch: Batch) -> Tensor:
         """Forecasts of ``batch`` in case counts."""

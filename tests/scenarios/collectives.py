@@ -39,6 +39,19 @@ def main() -> None:
     comm.allreduce_(t, "sum")
     assert torch.equal(t, torch.arange(12.0).reshape(3, 4).t() * size)
 
+    # a prepared allreduce reduces the same memory on every call (the direct path) or falls back to the general one
+    for dtype, op in ((torch.float32, "sum"), (torch.int64, "max"), (torch.bfloat16, "sum"), (torch.float64, "mean")):
+        t = torch.zeros(6, dtype=dtype)
+        reduce = comm.prepared_allreduce(t, op)
+        before = comm.bytes_sent()
+        for step in range(3):
+            t.fill_(rank + step)
+            assert reduce() is t
+            expected = {"sum": sum(r + step for r in range(size)), "max": size - 1 + step,
+                        "mean": sum(r + step for r in range(size)) / size}[op]
+            assert torch.all(t == expected), (dtype, op, step, t)
+        assert comm.bytes_sent() > before
+
     # broadcast of tensors (every dtype, including 16-bit floats and bool) and objects
     for dtype in DTYPES + [torch.bool]:
         t = (torch.arange(4) + 10 * rank).to(dtype)
