@@ -31,7 +31,9 @@ WORKLOADS = {
     "gru": (752, 100, 30),
     "cnn": (3200, 64, 4),
 }
-VARIANTS = ("mpi_allreduce", "mpi_average", "ceiling", "ddp_gloo", "handwritten")
+VARIANTS = ("mpi_allreduce", "mpi_average", "ceiling", "plain_lightning", "ddp_gloo", "handwritten")
+# plain_lightning: a default single-device Trainer per rank on the rank's shard, no MPIStrategy at all - at 1 rank
+# the run a user makes without MPI, at N ranks Lightning's own floor for N processes that never communicate.
 SIZES_KB = (4, 64, 256, 1024, 4096, 25600)
 
 
@@ -85,14 +87,18 @@ def epoch_timer() -> Any:
 def lightning_epochs(workload: str, variant: str, epochs: int) -> list[float]:
     """Epoch times of ``epochs`` epochs after a warm-up epoch, for a Lightning variant."""
     from lightning.pytorch import Trainer
-    from lightning.pytorch.strategies import DDPStrategy
-    from torch.utils.data import DataLoader
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+    from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_mpi import MPIStrategy
 
     module, data, _ = build(workload)
     _, batch, _ = WORKLOADS[workload]
+    if variant == "plain_lightning":
+        rank, size = _world()
+        data = TensorDataset(*(t[rank::size] for t in data.tensors))
     strategy: Any = {
+        "plain_lightning": lambda: SingleDeviceStrategy("cpu"),
         "mpi_allreduce": lambda: MPIStrategy(num_threads=1),
         "mpi_average": lambda: MPIStrategy(sync="average", every_n_steps=8, num_threads=1),
         "ceiling": lambda: MPIStrategy(sync="ensemble", num_threads=1),
@@ -166,7 +172,9 @@ def allreduce_micro(repeats: int) -> dict[str, dict[int, float]]:
             policy.before_backward(layer)  # the gradient now lives in the bucket, where backward accumulates
             calls[key] = _strategy_step(policy, layer)
         calls["gloo"] = lambda buf=buf: dist.all_reduce(buf)
-        for key, seconds in _time_interleaved(calls, repeats).items():
+        # Blocks of several milliseconds: the skew with which ranks leave the barrier before each block is noise.
+        per_block = 100 if kb <= 64 else 20 if kb <= 1024 else 4
+        for key, seconds in _time_interleaved(calls, repeats, per_block).items():
             out[key][kb] = seconds
     for comm in communicators.values():
         if comm._watchdog is not None:
@@ -184,7 +192,7 @@ def _strategy_step(policy: Any, layer: Any) -> Callable[[], None]:
     return step
 
 
-def _time_interleaved(calls: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+def _time_interleaved(calls: dict[str, Callable[[], None]], repeats: int, per_block: int) -> dict[str, float]:
     """Median seconds per call; the calls take turns in short blocks, so machine drift hits them alike."""
     from mpi4py import MPI
 
@@ -196,9 +204,9 @@ def _time_interleaved(calls: dict[str, Callable[[], None]], repeats: int) -> dic
         for key, fn in calls.items():
             MPI.COMM_WORLD.Barrier()
             start = time.perf_counter()
-            for _ in range(10):
+            for _ in range(per_block):
                 fn()
-            samples[key].append((time.perf_counter() - start) / 10)
+            samples[key].append((time.perf_counter() - start) / per_block)
     return {key: statistics.median(values) for key, values in samples.items()}
 
 
@@ -233,9 +241,10 @@ def worker(args: argparse.Namespace) -> None:
         epochs = round(WORKLOADS[workload][2] * args.epochs)
         medians: dict[str, list[float]] = {v: [] for v in variants}
         # Round-robin over the variants, after one untimed round: the machine drifts by tens of per cent over
-        # minutes here, and consecutive runs of one variant would take that drift for a difference.
+        # minutes here, and consecutive runs of one variant would take that drift for a difference. Each round
+        # starts one variant later, so no variant always follows the same one.
         for repeat in range(args.repeats + 1):
-            for variant in variants:
+            for variant in variants[repeat % len(variants) :] + variants[: repeat % len(variants)]:
                 times = (
                     handwritten_epochs(workload, epochs)
                     if variant == "handwritten"
@@ -290,14 +299,15 @@ def report(results: dict[int, dict[str, Any]], out: Path) -> str:
             "",
             (
                 "Speed-up over one process on all the data (hand-written: over the 1-rank hand-written loop; "
-                "the other variants: over the 1-rank Lightning run, i.e. a single-device Trainer):"
+                "the other variants: over the 1-rank plain Lightning run, a default single-device Trainer):"
             ),
             "",
         ]
-        lines += ["| workload | variant | " + " | ".join(f"{r} ranks" for r in ranks[1:]) + " |", "|" + "---|" * (len(ranks) + 1)]
+        lines += ["| workload | variant | " + " | ".join(f"{r} rank{'s' if r > 1 else ''}" for r in ranks) + " |",
+                  "|" + "---|" * (len(ranks) + 2)]
         for workload in WORKLOADS:
             for variant in VARIANTS:
-                cells = [speedup(results, workload, variant, r) for r in ranks[1:]]
+                cells = [speedup(results, workload, variant, r) for r in ranks]
                 if any(c is not None for c in cells):
                     lines.append(f"| {workload} | {variant} | " + " | ".join("" if c is None else f"{c:.2f}" for c in cells) + " |")
     lines += ["", "Ratios at the largest rank count (targets of the performance issue):", ""]
@@ -312,7 +322,10 @@ def report(results: dict[int, dict[str, Any]], out: Path) -> str:
             parts.append(f"average/ceiling {get('mpi_average') / get('ceiling'):.2f}")
         parts.append(f"allreduce/hand-written {get('mpi_allreduce') / get('handwritten'):.2f}")
         sequential = results[ranks[0]]["epochs"] if ranks[0] == 1 else {}
-        for label, key in (("1-rank Lightning", "mpi_allreduce"), ("1-rank hand-written", "handwritten")):
+        if get("ceiling") and get("ddp_gloo") and get("handwritten"):
+            parts.append(f"floors: ceiling/DDP {get('ceiling') / get('ddp_gloo'):.2f}, "
+                         f"ceiling/hand-written {get('ceiling') / get('handwritten'):.2f}")
+        for label, key in (("1-rank plain Lightning", "plain_lightning"), ("1-rank hand-written", "handwritten")):
             if sequential.get(f"{workload}/{key}") and get("ceiling"):
                 change = 100 * (get("ceiling") / sequential[f"{workload}/{key}"] - 1)
                 parts.append(f"ensemble (ceiling) vs {label}: {change:+.0f} % time")
@@ -332,7 +345,7 @@ def report(results: dict[int, dict[str, Any]], out: Path) -> str:
 
 def speedup(results: dict[int, dict[str, Any]], workload: str, variant: str, ranks: int) -> float | None:
     """Epoch time of one process on all the data over the epoch time of ``variant`` at ``ranks`` ranks."""
-    reference = "handwritten" if variant == "handwritten" else "mpi_allreduce"
+    reference = "handwritten" if variant == "handwritten" else "plain_lightning"
     base = results.get(1, {}).get("epochs", {}).get(f"{workload}/{reference}")
     time_n = results.get(ranks, {}).get("epochs", {}).get(f"{workload}/{variant}")
     return base / time_n if base and time_n else None
@@ -353,8 +366,7 @@ def _plots(results: dict[int, dict[str, Any]], out: Path) -> None:
             points = [(r, t * 1000) for r, t in points if t is not None]
             if points:
                 time_ax.plot(*zip(*points), marker="o", label=variant)
-            speeds = [(r, 1.0 if r == 1 and variant in ("mpi_allreduce", "handwritten") else speedup(results, workload, variant, r))
-                      for r in ranks]
+            speeds = [(r, speedup(results, workload, variant, r)) for r in ranks]
             speeds = [(r, v) for r, v in speeds if v is not None]
             if speeds:
                 speed_ax.plot(*zip(*speeds), marker="o", label=variant)
@@ -383,7 +395,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--epochs", type=float, default=1.0, help="scales each workload's timed epochs (after a warm-up)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--micro", action=argparse.BooleanOptionalAction, default=True, help="allreduce micro-benchmark")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
     parser.add_argument("--timeout", type=float, default=3600)
