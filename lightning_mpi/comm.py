@@ -36,6 +36,12 @@ LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK
 _NUMPY_REDUCIBLE = {
     torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
 }
+# dtypes whose gathered layouts travel as integers (see MPICommunicator._allgather_layouts), up to this many dims
+_LAYOUT_DTYPES = (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint8, torch.bool, torch.complex64, torch.complex128,
+)
+_LAYOUT_DIMS = 8
 # For pure data movement (broadcast, gather) any dtype can travel as raw bits of the same width.
 _BIT_VIEWS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.bool: torch.uint8}
 
@@ -271,7 +277,7 @@ class MPICommunicator(Communicator):
     def allgather(self, tensor: Tensor) -> list[Tensor]:
         if self.size == 1:
             return [tensor.clone()]
-        shapes, dtype = _gather_layout(self.allgather_object((tuple(tensor.shape), tensor.dtype)))
+        shapes, dtype = _gather_layout(self._allgather_layouts(tensor))
         tensor = tensor.to(dtype).reshape(shapes[self.rank])
         wire, _ = self._wire(tensor, reducing=False)
         counts = [_numel(shape) for shape in shapes]
@@ -281,6 +287,23 @@ class MPICommunicator(Communicator):
         if dtype in _BIT_VIEWS:
             out = out.view(dtype)
         return [part.reshape(shape).to(tensor.device) for part, shape in zip(torch.split(out, counts), shapes)]
+
+    def _allgather_layouts(self, tensor: Tensor) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """Every rank's (shape, dtype), as fixed-size integers: no pickling (metric syncs and ensemble outputs
+        gather small tensors often). Any rank with more dimensions or an unlisted dtype sends the flag -1, and
+        then every rank exchanges the layouts as objects."""
+        code = _LAYOUT_DTYPES.index(tensor.dtype) if tensor.dtype in _LAYOUT_DTYPES else -1
+        fits = code >= 0 and tensor.dim() <= _LAYOUT_DIMS
+        local = torch.full((_LAYOUT_DIMS + 2,), -1, dtype=torch.int64)
+        if fits:
+            local[0], local[1] = tensor.dim(), code
+            local[2 : 2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+        layouts = torch.empty((self.size, _LAYOUT_DIMS + 2), dtype=torch.int64)
+        with self._collective("allgather(layout)", tensor):
+            self._comm.Allgather(local.numpy(), layouts.numpy())
+        if bool((layouts[:, 0] < 0).any()):
+            return self.allgather_object((tuple(tensor.shape), tensor.dtype))
+        return [(tuple(row[2 : 2 + row[0]]), _LAYOUT_DTYPES[row[1]]) for row in layouts.tolist()]
 
     def allgather_object(self, obj: Any) -> list[Any]:
         if self.size == 1:

@@ -72,6 +72,13 @@ def main() -> None:
         assert "trailing dimensions" in str(err)
     else:
         raise AssertionError("mismatched trailing dimensions must be refused")
+    # 0-d states (torchmetrics sums), and layouts beyond what travels as integers (9 dims on the last rank only)
+    parts = comm.allgather(torch.tensor(float(rank), dtype=torch.float64))
+    assert [p.shape for p in parts] == [torch.Size([])] * size and [p.item() for p in parts] == list(range(size))
+    deep = torch.full((1,) * 9, rank) if rank == size - 1 else torch.tensor([])  # empty ones take its layout
+    parts = comm.allgather(deep)
+    assert [p.dim() for p in parts] == [9] * size and parts[-1].item() == size - 1, [p.shape for p in parts]
+    assert all(p.numel() == 0 for p in parts[:-1])
 
     assert comm.allgather_object(rank * 2) == [2 * r for r in range(size)]
     gathered = comm.gather_object(rank, root=0)
