@@ -131,6 +131,12 @@ class MPIStrategy(ParallelStrategy):
         return self._policy
 
     @property
+    def member_outputs(self) -> Tensor | None:
+        """Under ``sync="ensemble"``: every member's output of the last evaluation forward, ``[members, batch, ...]``
+        (the same on every rank); ``None`` otherwise."""
+        return self._policy.member_outputs if isinstance(self._policy, Ensemble) else None
+
+    @property
     def is_distributed(self) -> bool:
         """Lightning injects distributed samplers and honours ``sync_dist`` only if this is true.
 

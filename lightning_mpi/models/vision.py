@@ -15,7 +15,6 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
-from lightning_mpi.sync import Ensemble
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -107,11 +106,11 @@ class Classifier(LightningModule):
         logits = self(x)
         self.test_metrics(logits, y)
         self.log_dict(self.test_metrics)
-        ensemble = self._ensemble() is not None
         for i, member in enumerate(self._member_outputs(logits)):
             accuracy = (member.argmax(-1) == y).float().mean()
-            # An ensemble shows every rank the same members and samples: nothing to reduce over ranks then.
-            self.log(f"test/member_{i}/acc", accuracy, batch_size=len(y), sync_dist=not ensemble)
+            # Under an ensemble every rank sees the same members and samples, and the strategy is then not
+            # distributed for Lightning: sync_dist does not reduce again.
+            self.log(f"test/member_{i}/acc", accuracy, batch_size=len(y), sync_dist=True)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """``logits`` (the ensemble's under ``sync="ensemble"``), ``members`` ``[members, batch, classes]``, ``target``."""
@@ -124,14 +123,8 @@ class Classifier(LightningModule):
 
     def _member_outputs(self, logits: Tensor) -> Tensor:
         """The per-member outputs of the last forward under an ensemble, else ``logits`` as the only member."""
-        ensemble = self._ensemble()
-        if ensemble is not None and ensemble.member_outputs is not None:
-            return ensemble.member_outputs
-        return logits.detach().unsqueeze(0)
-
-    def _ensemble(self) -> Ensemble | None:
-        policy = getattr(self._trainer.strategy, "policy", None) if self._trainer is not None else None
-        return policy if isinstance(policy, Ensemble) else None
+        members = getattr(self._trainer.strategy, "member_outputs", None) if self._trainer is not None else None
+        return members if members is not None else logits.detach().unsqueeze(0)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_name == "sgd":
