@@ -7,9 +7,9 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
+from lightning_mpi.checkpoint import EnsembleModel, load_ensemble
 from lightning_mpi.checks import warn_about_plain_trainers
 from lightning_mpi.comm import launched_by_mpi, launcher_rank, launcher_size
-from lightning_mpi.checkpoint import EnsembleModel, load_ensemble
 from lightning_mpi.metrics import sync_metrics
 from lightning_mpi.strategy import MPIStrategy
 from lightning_mpi.voting import hard_vote, mean_vote, median_vote, soft_vote

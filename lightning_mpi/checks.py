@@ -10,10 +10,9 @@ import functools
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.nn import Module
 from torch.optim import Optimizer
-
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_mpi.comm import Communicator, launcher_size
 

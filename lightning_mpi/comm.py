@@ -18,10 +18,10 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -374,7 +374,8 @@ def _detect_cuda_aware() -> bool:
     try:
         import ctypes
 
-        maps = open("/proc/self/maps").read()
+        with open("/proc/self/maps") as handle:
+            maps = handle.read()
         for path in sorted(set(re.findall(r"(\S*libmpi\S*\.so\S*)", maps))):
             query = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support", None)
             if query is not None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from typing_extensions import override
-
 from lightning.fabric.plugins.environments.cluster_environment import ClusterEnvironment
+from typing_extensions import override
 
 from lightning_mpi.comm import Communicator, launched_by_mpi, launcher_rank, launcher_size, world
 

@@ -15,9 +15,9 @@ from torch import Tensor
 from torch.nn import Module
 from torch.optim import Optimizer
 
+from lightning_mpi import voting
 from lightning_mpi.buffers import DEFAULT_BUCKET_MB, Bucket, bucketize
 from lightning_mpi.comm import Communicator
-from lightning_mpi import voting
 
 
 def _floating_state(module: Module) -> list[Tensor]:

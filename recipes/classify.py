@@ -31,7 +31,7 @@ from lightning_mpi.hydra import job_output_dir, mpi_hydra_main, write_json_atomi
 from lightning_mpi.threads import choose_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the report's plotting helpers sit next to this file
-from classify_report import plot_confusion_matrix  # noqa: E402
+from classify_report import plot_confusion_matrix
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -48,8 +48,10 @@ def ensemble_table(runs: Sequence[Result]) -> str:
     """Accuracy of the ensemble and of its members, and training time reduced against the 1-rank model."""
     base = _baseline(runs, "train_time_s")
     lines = [
-        "| Ranks | Ensemble acc. | Members acc. (min-max) | Precision | Recall | F1 | Training time (s) | Time reduction "
-        "| CPU s / rank |",
+        (
+            "| Ranks | Ensemble acc. | Members acc. (min-max) | Precision | Recall | F1 | Training time (s) "
+            "| Time reduction | CPU s / rank |"
+        ),
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
@@ -82,8 +84,10 @@ def speedup_table(runs: Sequence[Result]) -> str:
 def kfold_table(runs: Sequence[Result]) -> str:
     """Fold scores (mean and spread) and test scores of the fold ensemble and of the averaged weights."""
     lines = [
-        "| Ranks | Folds | Held-out acc. (mean ± sd) | Fold ensemble test acc. | Averaged weights test acc. "
-        "| k-fold time (s) | Sum of fold times (s) |",
+        (
+            "| Ranks | Folds | Held-out acc. (mean ± sd) | Fold ensemble test acc. | Averaged weights test acc. "
+            "| k-fold time (s) | Sum of fold times (s) |"
+        ),
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:

@@ -96,7 +96,7 @@ def _result(
         "epochs": int(cfg.trainer.max_epochs),
         "batch_size": int(data.batch_size),
         "train_windows": int(data.split),
-        "test_windows": int(len(target)),
+        "test_windows": len(target),
         "metrics": {"rmse": float(logged["test/rmse"]), "mae": float(logged["test/mae"])},
         "forecast_metrics": {"rmse": rmse(forecast, target), "mae": mae(forecast, target)},
         "baselines": data.baselines(),

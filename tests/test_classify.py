@@ -15,8 +15,8 @@ from omegaconf import DictConfig
 from tests.mpirun import ROOT, check, run_mpi
 
 sys.path.insert(0, str(ROOT / "recipes"))
-import classify  # noqa: E402
-import classify_report  # noqa: E402
+import classify
+import classify_report
 
 
 def _compose(*overrides: str) -> DictConfig:

@@ -15,7 +15,7 @@ def runs(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"combining{world}")
     check(run_mpi(world, ["-m", "tests.scenarios.combining", str(out)], timeout=400))
-    load = lambda name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(world)]  # noqa: E731
+    load = lambda name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(world)]
     return world, load("averaging"), load("ensemble"), out / "ensemble.ckpt"
 
 
@@ -61,13 +61,13 @@ def test_one_shot_averaging_communicates_only_at_the_end(runs):
 
 
 def test_ensemble_members_differ(runs):
-    world, _, ensemble, _ = runs
+    _, _, ensemble, _ = runs
     weights = [r["state"]["net.0.weight"] for r in ensemble]
     assert all(not torch.equal(weights[0], w) for w in weights[1:])
 
 
 def test_predict_returns_the_vote_for_the_whole_dataset_on_every_rank(runs):
-    world, _, ensemble, _ = runs
+    _, _, ensemble, _ = runs
     _, test = digits_data()
     for r in ensemble:
         assert r["predictions"].shape == (len(test), 10)

@@ -17,7 +17,7 @@ def runs(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"evaluation{world}")
     result = check(run_mpi(world, ["-m", "tests.scenarios.evaluation", str(out)], timeout=400))
-    load = lambda name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(world)]  # noqa: E731
+    load = lambda name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(world)]
     return world, load("metrics"), load("early"), load("sigterm"), result
 
 
@@ -66,7 +66,7 @@ def test_predictions_whole_dataset_in_order_on_every_rank(runs, reference):
 
 
 def test_early_stopping_stops_all_ranks_together(runs):
-    world, _, early, _, _ = runs
+    _, _, early, _, _ = runs
     epochs = [r["epoch"] for r in early]
     assert len(set(epochs)) == 1, epochs
     assert epochs[0] < 20  # rank 0 plateaus first and stops everyone

@@ -21,8 +21,8 @@ TENNESSEE = ROOT.parent / "shared" / "data" / "tennessee-covid19-nyt.csv"
 sys.path.insert(0, str(ROOT / "recipes"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import report  # noqa: E402
-import train  # noqa: E402
+import report
+import train
 
 
 def config(*overrides: str) -> DictConfig:

@@ -143,7 +143,7 @@ def make_synthetic(
 
 
 def stratified_split(
-    labels: Tensor, train_size: int | float | None, test_size: int | float | None, seed: int = 0
+    labels: Tensor, train_size: float | None, test_size: float | None, seed: int = 0
 ) -> tuple[Tensor, Tensor]:
     """Indices of a stratified train/test split (sizes as counts or fractions, as in scikit-learn).
 
@@ -193,8 +193,8 @@ class ClassificationDataModule(LightningDataModule):
         cls,
         features: Tensor,
         labels: Tensor,
-        train_size: int | float | None = None,
-        test_size: int | float | None = 0.2,
+        train_size: float | None = None,
+        test_size: float | None = 0.2,
         batch_size: int = 64,
         seed: int = 0,
     ) -> ClassificationDataModule:

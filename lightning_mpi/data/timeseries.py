@@ -426,7 +426,7 @@ class ForecastDataModule(LightningDataModule):
 
     def _dataset(self, part: slice) -> TensorDataset:
         x, y = self.x[part], self.y[part]
-        as_tensor = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
+        as_tensor = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=torch.float32)
         return TensorDataset(
             as_tensor(self.transform.inputs(x))[..., None],
             as_tensor(self.transform.targets(y, x)),

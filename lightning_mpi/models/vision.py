@@ -15,7 +15,6 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
-
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "sigmoid": nn.Sigmoid,

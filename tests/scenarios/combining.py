@@ -30,7 +30,7 @@ def averaging(out: Path) -> None:
         ("warmup_throughout", MPIStrategy(sync="average", warmup_steps=20)),  # post-local SGD, never local
     )
     for name, strategy in variants:
-        model, dtype, _ = build("sgd_momentum")
+        model, _, _ = build("sgd_momentum")
         model.configure_optimizers = lambda m=model: torch.optim.SGD(m.parameters(), lr=0.05)
         trainer = quiet_trainer(strategy=strategy, max_steps=20)
         trainer.fit(model, DataLoader(regression_data(20 * BATCH * comm.size), batch_size=BATCH, shuffle=True))

@@ -104,10 +104,10 @@ def samples_needed(case: str, world: int) -> int:
 
 
 def quiet_trainer(**kwargs) -> Trainer:
-    defaults = dict(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-    )
+    defaults = {
+        "accelerator": "cpu", "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+        "enable_model_summary": False, "limit_val_batches": 0, "num_sanity_val_steps": 0,
+    }
     defaults.update(kwargs)
     return Trainer(**defaults)
 
