@@ -219,14 +219,7 @@ class MPICommunicator(Communicator):
         wire, staged = self._wire(tensor, reducing=True)
         if tensor.device.type == "cuda":
             torch.cuda.current_stream(tensor.device).synchronize()
-        watchdog = self._watchdog
-        if watchdog is not None:  # the hot path: no context manager
-            watchdog.enter("allreduce", tensor)
-        try:
-            self._comm.Allreduce(self._MPI.IN_PLACE, _buffer(wire), op=self._ops[op])
-        finally:
-            if watchdog is not None:
-                watchdog.exit()
+        self._watched_allreduce(_buffer(wire), self._ops[op], tensor)
         self._bytes += wire.numel() * wire.element_size()
         if staged:
             self._write_back(tensor, wire)
@@ -240,22 +233,25 @@ class MPICommunicator(Communicator):
         direct = tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.dtype in _NUMPY_REDUCIBLE
         if self.size == 1 or op == "mean" or not direct:
             return super().prepared_allreduce(tensor, op)  # staged, on a device, or divided: the general path
-        allreduce, in_place, mpi_op, buffer = self._comm.Allreduce, self._MPI.IN_PLACE, self._ops[op], tensor.detach().numpy()
-        nbytes = tensor.numel() * tensor.element_size()
+        mpi_op, buffer, nbytes = self._ops[op], tensor.detach().numpy(), tensor.numel() * tensor.element_size()
 
         def run() -> Tensor:
-            watchdog = self._watchdog
-            if watchdog is not None:
-                watchdog.enter("allreduce", tensor)
-            try:
-                allreduce(in_place, buffer, op=mpi_op)
-            finally:
-                if watchdog is not None:
-                    watchdog.exit()
+            self._watched_allreduce(buffer, mpi_op, tensor)
             self._bytes += nbytes
             return tensor
 
         return run
+
+    def _watched_allreduce(self, buffer: Any, mpi_op: Any, tensor: Tensor) -> None:
+        """In-place ``Allreduce`` of ``buffer`` under the stall watchdog (the hot path: no context manager)."""
+        watchdog = self._watchdog
+        if watchdog is not None:
+            watchdog.enter("allreduce", tensor)
+        try:
+            self._comm.Allreduce(self._MPI.IN_PLACE, buffer, op=mpi_op)
+        finally:
+            if watchdog is not None:
+                watchdog.exit()
 
     def broadcast_(self, tensor: Tensor, root: int = 0) -> Tensor:
         if self.size == 1:
