@@ -125,13 +125,9 @@ class GradientAllreduce(SyncPolicy):
     def __init__(self, bucket_mb: float = DEFAULT_BUCKET_MB) -> None:
         super().__init__()
         self.bucket_mb = bucket_mb
-        self._buckets: list[Bucket] = []
-        self._params: list[list[torch.nn.Parameter]] = []
+        self._buckets: list[_GradientBucket] = []
         self._stop_requested = False
         self._stop_agreed = False
-        self._received: list[list[bool]] = []
-        self._reduce: list[Callable[[], Tensor]] = []
-        self._tails: list[Any] = []
         self._hooks: list[Any] = []
 
     def setup(self, comm: Communicator, module: Module, fitting: bool, resuming: bool) -> None:
@@ -143,18 +139,14 @@ class GradientAllreduce(SyncPolicy):
         trainable = [p for p in module.parameters() if p.requires_grad]
         # The tail of each bucket carries one flag per parameter (how many ranks produced a gradient), then one
         # stop flag: a SIGTERM agreement travels with the gradients instead of in a collective of its own.
-        self._buckets = bucketize(trainable, self.bucket_mb, extra_per_tensor=1, extra_per_bucket=1)
-        self._params = [list(b.tensors) for b in self._buckets]
-        self._reduce = [self.comm.prepared_allreduce(b.flat, "sum") for b in self._buckets]
-        # Flags are written through numpy where the tail is in host memory: ~1 µs instead of ~5 for torch.
-        self._tails = [b.tail.numpy() if b.tail.device.type == "cpu" else None for b in self._buckets]
+        buckets = bucketize(trainable, self.bucket_mb, extra_per_tensor=1, extra_per_bucket=1)
+        self._buckets = [_GradientBucket(b, self.comm) for b in buckets]
         for handle in self._hooks:
             handle.remove()
-        self._received = [[False] * len(params) for params in self._params]
         self._hooks = [
-            p.register_post_accumulate_grad_hook(_mark_received(self._received[b], i))
-            for b, params in enumerate(self._params)
-            for i, p in enumerate(params)
+            p.register_post_accumulate_grad_hook(_mark_received(gb.received, i))
+            for gb in self._buckets
+            for i, p in enumerate(gb.bucket.tensors)
         ]
 
     @property
@@ -167,7 +159,8 @@ class GradientAllreduce(SyncPolicy):
         if self.comm.size == 1:
             return
         with torch.no_grad():
-            for bucket, params in zip(self._buckets, self._params):
+            for bucket in (gb.bucket for gb in self._buckets):
+                params = bucket.tensors
                 missing = [i for i, p in enumerate(params) if p.grad is None]
                 if len(missing) == len(params):
                     bucket.flat.zero_()
@@ -180,8 +173,8 @@ class GradientAllreduce(SyncPolicy):
     def after_backward(self, module: Module) -> None:
         if self.comm.size == 1:
             return
-        for index in range(len(self._buckets)):
-            self._allreduce_bucket(index)
+        for gradient_bucket in self._buckets:
+            self._allreduce_bucket(gradient_bucket)
 
     def agree_on_stop(self, requested: bool, batch: int) -> bool:
         # Answered from the last gradient allreduce, which carried every rank's request.
@@ -193,21 +186,21 @@ class GradientAllreduce(SyncPolicy):
         # After the allreduce every rank holds the same buckets: a local look is already a global answer.
         if self.comm.size == 1 or not self._buckets:
             return super().gradients_finite(module)
-        return all(bool(torch.isfinite(b.flat).all()) for b in self._buckets)
+        return all(bool(torch.isfinite(gb.bucket.flat).all()) for gb in self._buckets)
 
-    def _allreduce_bucket(self, index: int) -> None:
-        bucket, params, received = self._buckets[index], self._params[index], self._received[index]
+    def _allreduce_bucket(self, gradient_bucket: _GradientBucket) -> None:
+        bucket, received, tail = gradient_bucket.bucket, gradient_bucket.received, gradient_bucket.tail
+        params = bucket.tensors
         grads = [p.grad for p in params]
         # The usual step: autograd accumulated every gradient into the bucket, so the flags are all ones.
         in_bucket = all(received) and all(g is v for g, v in zip(grads, bucket.views))
         flags = [1.0] * len(params) if in_bucket else self._gather_strays(bucket, grads, received)
         flags.append(1.0 if self._stop_requested else 0.0)
-        tail = self._tails[index]
         if tail is not None:
             tail[:] = flags
         else:
             bucket.tail.copy_(torch.tensor(flags))
-        self._reduce[index]()  # a plain sum of gradients already divided by N: see loss_scale
+        gradient_bucket.reduce()  # a plain sum of gradients already divided by N: see loss_scale
         received[:] = [False] * len(received)
         *counts, stop = (tail if tail is not None else bucket.tail).tolist()  # sums of 0/1 flags over ranks
         self._stop_agreed = self._stop_agreed or stop > 0
@@ -231,6 +224,18 @@ class GradientAllreduce(SyncPolicy):
                 if flag == 0.0:
                     view.zero_()
         return flags
+
+
+class _GradientBucket:
+    """A bucket of gradients and what its allreduce needs on every step."""
+
+    def __init__(self, bucket: Bucket, comm: Communicator) -> None:
+        self.bucket = bucket
+        #: which parameters autograd accumulated a gradient into since the last allreduce (post-accumulate hooks)
+        self.received = [False] * len(bucket.tensors)
+        self.reduce = comm.prepared_allreduce(bucket.flat, "sum")
+        # Flags are written through numpy where the tail is in host memory: ~1 µs instead of ~5 for torch.
+        self.tail = bucket.tail.numpy() if bucket.tail.device.type == "cpu" else None
 
 
 def _mark_received(received: list[bool], index: int) -> Callable[[Tensor], None]:

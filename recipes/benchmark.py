@@ -186,7 +186,7 @@ def allreduce_micro(repeats: int) -> dict[str, dict[int, float]]:
 
 def _strategy_step(policy: Any, layer: Any) -> Callable[[], None]:
     def step() -> None:
-        policy._received[0][0] = True  # what the post-accumulate hook records during backward
+        policy._buckets[0].received[0] = True  # what the post-accumulate hook records during backward
         policy.after_backward(layer)
 
     return step
@@ -284,16 +284,12 @@ def launch(args: argparse.Namespace, ranks: int, out: Path) -> dict[str, Any]:
 def report(results: dict[int, dict[str, Any]], out: Path) -> str:
     lines = [f"Epoch time (ms, median) on {os.cpu_count()} cores, one torch thread per rank", ""]
     ranks = sorted(results)
-    header = "| workload | variant | " + " | ".join(f"{r} rank{'s' if r > 1 else ''}" for r in ranks) + " |"
-    lines += [header, "|" + "---|" * (len(ranks) + 2)]
-    for workload in WORKLOADS:
-        for variant in VARIANTS:
-            cells = [results[r]["epochs"].get(f"{workload}/{variant}") for r in ranks]
-            if all(c is None for c in cells):
-                continue
-            lines.append(
-                f"| {workload} | {variant} | " + " | ".join("" if c is None else f"{c * 1000:.1f}" for c in cells) + " |"
-            )
+
+    def epoch_ms(workload: str, variant: str, r: int) -> float | None:
+        seconds = results[r]["epochs"].get(f"{workload}/{variant}")
+        return None if seconds is None else seconds * 1000
+
+    lines += _rank_table(ranks, epoch_ms, "{:.1f}")
     if 1 in results and len(ranks) > 1:
         lines += [
             "",
@@ -303,15 +299,10 @@ def report(results: dict[int, dict[str, Any]], out: Path) -> str:
             ),
             "",
         ]
-        lines += ["| workload | variant | " + " | ".join(f"{r} rank{'s' if r > 1 else ''}" for r in ranks) + " |",
-                  "|" + "---|" * (len(ranks) + 2)]
-        for workload in WORKLOADS:
-            for variant in VARIANTS:
-                cells = [speedup(results, workload, variant, r) for r in ranks]
-                if any(c is not None for c in cells):
-                    lines.append(f"| {workload} | {variant} | " + " | ".join("" if c is None else f"{c:.2f}" for c in cells) + " |")
+        lines += _rank_table(ranks, lambda w, v, r: speedup(results, w, v, r), "{:.2f}")
     lines += ["", "Ratios at the largest rank count (targets of the performance issue):", ""]
     top = results[ranks[-1]]["epochs"]
+    sequential = results[ranks[0]]["epochs"] if ranks[0] == 1 else {}
     for workload in WORKLOADS:
         get = lambda v, w=workload: top.get(f"{w}/{v}")
         if get("mpi_allreduce") is None:
@@ -321,7 +312,6 @@ def report(results: dict[int, dict[str, Any]], out: Path) -> str:
             parts.append(f"allreduce/ceiling {get('mpi_allreduce') / get('ceiling'):.2f}")
             parts.append(f"average/ceiling {get('mpi_average') / get('ceiling'):.2f}")
         parts.append(f"allreduce/hand-written {get('mpi_allreduce') / get('handwritten'):.2f}")
-        sequential = results[ranks[0]]["epochs"] if ranks[0] == 1 else {}
         if get("ceiling") and get("ddp_gloo") and get("handwritten"):
             parts.append(f"floors: ceiling/DDP {get('ceiling') / get('ddp_gloo'):.2f}, "
                          f"ceiling/hand-written {get('ceiling') / get('handwritten'):.2f}")
@@ -341,6 +331,20 @@ def report(results: dict[int, dict[str, Any]], out: Path) -> str:
     (out / "benchmark.md").write_text(text)
     _plots(results, out)
     return text
+
+
+def _rank_table(ranks: list[int], cell: Callable[[str, str, int], float | None], fmt: str) -> list[str]:
+    """Markdown rows of workloads x variants over ``ranks``; a row without any value is left out."""
+    lines = [
+        "| workload | variant | " + " | ".join(f"{r} rank{'s' if r > 1 else ''}" for r in ranks) + " |",
+        "|" + "---|" * (len(ranks) + 2),
+    ]
+    for workload in WORKLOADS:
+        for variant in VARIANTS:
+            cells = [cell(workload, variant, r) for r in ranks]
+            if any(c is not None for c in cells):
+                lines.append(f"| {workload} | {variant} | " + " | ".join("" if c is None else fmt.format(c) for c in cells) + " |")
+    return lines
 
 
 def speedup(results: dict[int, dict[str, Any]], workload: str, variant: str, ranks: int) -> float | None:
