@@ -36,6 +36,47 @@ class Bucket:
             torch._foreach_copy_([t.detach() for t in self.tensors], self.views)
 
 
+class ByteBucket:
+    """Tensors of any dtypes (on one device) moved as raw bytes in one flat ``uint8`` buffer: one broadcast for all.
+
+    >>> a, b = torch.arange(3.0), torch.tensor([7])
+    >>> bucket = ByteBucket([a, b])
+    >>> flat = bucket.pack()
+    >>> _ = a.zero_(), b.zero_()
+    >>> bucket.unpack()
+    >>> a.tolist(), b.tolist()
+    ([0.0, 1.0, 2.0], [7])
+    """
+
+    _ALIGN = 8
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        self.tensors = list(tensors)
+        sizes = [t.numel() * t.element_size() for t in self.tensors]
+        starts = []
+        end = 0
+        for size in sizes:
+            starts.append(end)
+            end += -(-size // self._ALIGN) * self._ALIGN
+        self.flat = torch.zeros(end, dtype=torch.uint8, device=self.tensors[0].device if self.tensors else "cpu")
+        self.views = [
+            self.flat[start : start + size].view(t.dtype).view(t.shape) for start, size, t in zip(starts, sizes, self.tensors)
+        ]
+
+    def pack(self) -> Tensor:
+        """Copy the tensors' current values into the flat buffer and return it."""
+        with torch.no_grad():
+            for view, t in zip(self.views, self.tensors):
+                view.copy_(t.detach())
+        return self.flat
+
+    def unpack(self) -> None:
+        """Copy the flat buffer's values back into the tensors."""
+        with torch.no_grad():
+            for view, t in zip(self.views, self.tensors):
+                t.detach().copy_(view)
+
+
 def bucketize(
     tensors: Iterable[Tensor], cap_mb: float = DEFAULT_BUCKET_MB, extra_per_tensor: int = 0, extra_per_bucket: int = 0
 ) -> list[Bucket]:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
+from argparse import Namespace
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+from lightning.fabric.utilities.data import AttributeDict
 from torch import Tensor
 from torch.nn import Module
 
 from lightning_mpi.comm import Communicator
-from lightning_mpi.sync import Ensemble, SyncPolicy, combiner
+from lightning_mpi.sync import SyncPolicy, combiner
 
 
 def strategy_state(
@@ -26,10 +28,8 @@ def strategy_state(
     """
     state: dict[str, Any] = {"sync": policy.name, "world_size": comm.size, "policy": policy.state_dict()}
     if policy.ranks_differ:
-        own = {"state_dict": module.state_dict(), "optimizer_states": optimizer_states}
+        own = {"state_dict": policy.rank_state_dict(module), "optimizer_states": optimizer_states}
         state["ranks"] = comm.gather_object(own, root=0)
-    if isinstance(policy, Ensemble):
-        state["voting"] = policy.voting
     return state
 
 
@@ -47,15 +47,25 @@ def restore_rank_state(checkpoint: dict[str, Any], rank: int, world_size: int) -
     checkpoint["optimizer_states"] = ranks[rank]["optimizer_states"]
 
 
-def write_atomically(io: CheckpointIO, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-    """Save through ``io`` to a temporary file next to ``filepath``, then rename: never a truncated checkpoint."""
+def save(io: CheckpointIO, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+    """Save ``checkpoint`` through ``io``; a local file written by Lightning's default IO is written atomically.
+
+    Other IO plugins (asynchronous ones, remote storage through fsspec) get the real path: they may write later or
+    elsewhere, so a rename of a temporary file cannot be theirs to follow.
+    """
     path = os.fspath(filepath)
-    if "://" in path:  # remote storage: renames are not atomic there, let the IO plugin handle it
+    if type(io) is not TorchCheckpointIO or "://" in path:
         io.save_checkpoint(checkpoint, path, storage_options=storage_options)
         return
+    write_atomically(path, lambda tmp: io.save_checkpoint(checkpoint, tmp, storage_options=storage_options))
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it: never a truncated file."""
+    path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        io.save_checkpoint(checkpoint, tmp, storage_options=storage_options)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -82,13 +92,22 @@ class EnsembleModel(Module):
         return self._combine(self.member_outputs(*args, **kwargs))
 
 
-def load_ensemble(path: str | os.PathLike, build: Callable[..., Module], map_location: Any = "cpu") -> EnsembleModel:
+def load_ensemble(
+    path: str | os.PathLike,
+    build: Callable[..., Module],
+    map_location: Any = "cpu",
+    weights_only: bool = True,
+) -> EnsembleModel:
     """Build an :class:`EnsembleModel` from an ensemble checkpoint written by ``MPIStrategy(sync="ensemble")``.
 
     ``build`` makes one fresh member: a LightningModule class (called with the checkpoint's hyperparameters)
-    or any function returning a module.
+    or any function returning a module. The file is read with ``torch.load(weights_only=True)``: tensors,
+    containers and primitives only (plus Lightning's hyperparameter containers), so a file from elsewhere cannot
+    run code while it loads. Pass ``weights_only=False`` only for files you trust that need more (for example
+    hyperparameters holding arbitrary objects).
     """
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
     state = checkpoint.get("lightning_mpi", {})
     members = [rank["state_dict"] for rank in state.get("ranks", [])]
     if state.get("sync") != "ensemble" or not members:
@@ -99,7 +118,12 @@ def load_ensemble(path: str | os.PathLike, build: Callable[..., Module], map_loc
         module = build(**hparams) if isinstance(build, type) else build()
         module.load_state_dict(member_state)
         modules.append(module.eval())
-    return EnsembleModel(modules, state.get("voting", "hard"))
+    voting = state.get("policy", {}).get("voting", state.get("voting", "hard"))
+    return EnsembleModel(modules, voting)
+
+
+# Plain hyperparameter containers that Lightning may store in a checkpoint.
+_SAFE_GLOBALS = [AttributeDict, Namespace]
 
 
 def gather_predictions(predict_loop: Any, comm: Communicator) -> None:

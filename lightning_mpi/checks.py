@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.nn import Module
+from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from lightning_mpi.comm import Communicator, launcher_size
@@ -33,9 +34,9 @@ def check_launch(devices: list[torch.device], num_nodes: int, comm: Communicator
         )
 
 
-def _describe_module(module: Module) -> list[tuple[str, tuple[int, ...], str]]:
+def _describe_module(module: Module) -> list[tuple[str, tuple[int, ...] | str, str]]:
     named = list(module.named_parameters()) + list(module.named_buffers())
-    return [(name, tuple(t.shape), str(t.dtype)) for name, t in named]
+    return [(name, "lazy" if is_lazy(t) else tuple(t.shape), str(t.dtype)) for name, t in named]
 
 
 def _describe_optimizers(optimizers: list[Optimizer]) -> list[Any]:

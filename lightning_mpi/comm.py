@@ -68,10 +68,6 @@ def launcher_size() -> int:
     return _launcher_value(("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PALS_SIZE"), 1)
 
 
-class CollectiveTimeout(RuntimeError):
-    """A collective did not complete within the configured time on this rank."""
-
-
 class Communicator:
     """Collective operations over a group of ranks; this base class is the single-process twin.
 
@@ -135,6 +131,41 @@ class Communicator:
         """Payload bytes this rank contributed to reductions and broadcasts so far."""
         return 0
 
+    def set_timeout(self, timeout: float | None) -> None:
+        """Seconds a collective may take before the job is reported as stalled and aborted (``None``: no limit)."""
+
+    def require_same_calls(self, reason: str | None) -> None:
+        """While ``reason`` is set, every collective first checks that all ranks call the same one (same kind,
+        dtype, size and operation) and raises :class:`CollectiveMismatch` with ``reason`` on every rank if not.
+        For stretches where ranks may run different code paths (uneven inputs); costs one small exchange each."""
+
+    def all_ranks_failed(self, summary: str, patience: float = 10.0) -> bool:
+        """Called by a rank that failed: whether every other rank failed too (then the failure can propagate on
+        every rank as in one process). ``False`` as soon as some rank waits in a collective (it would wait for
+        this rank forever), or when some rank neither fails nor enters a collective within ``patience`` seconds.
+        Not a collective: it asks the other ranks what they are doing on a side channel."""
+        return True
+
+
+class CollectiveMismatch(RuntimeError):
+    """Ranks called different collectives at the same point (see :meth:`Communicator.require_same_calls`)."""
+
+
+def validate_timeout(timeout: float | None) -> float | None:
+    """``timeout`` as a number of seconds, or ``None`` for no stall detection (also for ``0``).
+
+    >>> validate_timeout(0) is None, validate_timeout(5)
+    (True, 5.0)
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout or timeout < 0:
+        raise ValueError(
+            f"timeout={timeout!r} is not valid: give the seconds a collective may take before the job is reported "
+            "as stalled and aborted (a positive number), or None or 0 for no stall detection."
+        )
+    return float(timeout) if timeout > 0 else None
+
 
 def _check_op(tensor: Tensor, op: str) -> None:
     if op not in ("sum", "mean", "min", "max"):
@@ -173,7 +204,8 @@ class MPICommunicator(Communicator):
         self.cuda_aware = _detect_cuda_aware()
         self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX}
         self._bytes = 0
-        self._watchdog = _Watchdog(self, timeout) if timeout is not None and self.size > 1 else None
+        self._same_calls_reason: str | None = None
+        self._monitor = _Monitor(self, validate_timeout(timeout)) if self.size > 1 else None
 
     # -- buffers ---------------------------------------------------------------------------------------
 
@@ -201,14 +233,14 @@ class MPICommunicator(Communicator):
     @contextmanager
     def _collective(self, kind: str, tensor: Tensor | None = None) -> Iterator[None]:
         # The description is formatted only if a report is printed: the normal path stores two references.
-        if self._watchdog is None:
+        if self._monitor is None:
             yield
             return
-        self._watchdog.enter(kind, tensor)
+        self._monitor.enter(kind, tensor)
         try:
             yield
         finally:
-            self._watchdog.exit()
+            self._monitor.exit()
 
     # -- collectives -----------------------------------------------------------------------------------
 
@@ -216,6 +248,7 @@ class MPICommunicator(Communicator):
         _check_op(tensor, op)
         if self.size == 1:
             return tensor
+        self._check_same_call("allreduce", tensor, op)
         wire, staged = self._wire(tensor, reducing=True)
         if tensor.device.type == "cuda":
             torch.cuda.current_stream(tensor.device).synchronize()
@@ -236,6 +269,8 @@ class MPICommunicator(Communicator):
         mpi_op, buffer, nbytes = self._ops[op], tensor.detach().numpy(), tensor.numel() * tensor.element_size()
 
         def run() -> Tensor:
+            if self._same_calls_reason is not None:
+                self._check_same_call("allreduce", tensor, op)
             self._watched_allreduce(buffer, mpi_op, tensor)
             self._bytes += nbytes
             return tensor
@@ -243,19 +278,20 @@ class MPICommunicator(Communicator):
         return run
 
     def _watched_allreduce(self, buffer: Any, mpi_op: Any, tensor: Tensor) -> None:
-        """In-place ``Allreduce`` of ``buffer`` under the stall watchdog (the hot path: no context manager)."""
-        watchdog = self._watchdog
-        if watchdog is not None:
-            watchdog.enter("allreduce", tensor)
+        """In-place ``Allreduce`` of ``buffer`` under the monitor (the hot path: no context manager)."""
+        monitor = self._monitor
+        if monitor is not None:
+            monitor.enter("allreduce", tensor)
         try:
             self._comm.Allreduce(self._MPI.IN_PLACE, buffer, op=mpi_op)
         finally:
-            if watchdog is not None:
-                watchdog.exit()
+            if monitor is not None:
+                monitor.exit()
 
     def broadcast_(self, tensor: Tensor, root: int = 0) -> Tensor:
         if self.size == 1:
             return tensor
+        self._check_same_call("broadcast", tensor)
         wire, staged = self._wire(tensor, reducing=False)
         with self._collective(f"broadcast(root={root})", tensor):
             self._comm.Bcast(_buffer(wire), root=root)
@@ -267,12 +303,14 @@ class MPICommunicator(Communicator):
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
         if self.size == 1:
             return obj
+        self._check_same_call("broadcast_object")
         with self._collective("broadcast_object"):
             return self._comm.bcast(obj, root=root)
 
     def allgather(self, tensor: Tensor) -> list[Tensor]:
         if self.size == 1:
             return [tensor.clone()]
+        self._check_same_call("allgather", None)  # shapes may differ between ranks: the kind must not
         shapes, dtype = _gather_layout(self._allgather_layouts(tensor))
         tensor = tensor.to(dtype).reshape(shapes[self.rank])
         wire, _ = self._wire(tensor, reducing=False)
@@ -304,18 +342,21 @@ class MPICommunicator(Communicator):
     def allgather_object(self, obj: Any) -> list[Any]:
         if self.size == 1:
             return [obj]
+        self._check_same_call("allgather_object")
         with self._collective("allgather_object"):
             return self._comm.allgather(obj)
 
     def gather_object(self, obj: Any, root: int = 0) -> list[Any] | None:
         if self.size == 1:
             return [obj]
+        self._check_same_call("gather_object")
         with self._collective("gather_object"):
             return self._comm.gather(obj, root=root)
 
     def barrier(self) -> None:
         if self.size == 1:
             return
+        self._check_same_call("barrier")
         with self._collective("barrier"):
             self._comm.Barrier()
 
@@ -326,6 +367,44 @@ class MPICommunicator(Communicator):
 
     def bytes_sent(self) -> int:
         return self._bytes
+
+    def set_timeout(self, timeout: float | None) -> None:
+        if self._monitor is not None:
+            self._monitor.timeout = validate_timeout(timeout)
+
+    def require_same_calls(self, reason: str | None) -> None:
+        self._same_calls_reason = reason
+
+    def _check_same_call(self, kind: str, tensor: Tensor | None = None, op: str = "") -> None:
+        reason = self._same_calls_reason
+        if reason is None:
+            return
+        codes = {name: i for i, name in enumerate(_CALL_KINDS)}
+        dtype = _LAYOUT_DTYPES.index(tensor.dtype) if tensor is not None and tensor.dtype in _LAYOUT_DTYPES else -1
+        mine = torch.tensor([codes[kind], dtype, tensor.numel() if tensor is not None else 0,
+                             codes.get(op, -1)], dtype=torch.int64)
+        everyone = torch.empty((self.size, 4), dtype=torch.int64)
+        with self._collective("call check", mine):
+            self._comm.Allgather(mine.numpy(), everyone.numpy())
+        if bool((everyone == everyone[0]).all()):
+            return
+        calls = "; ".join(f"rank {r}: {_describe_call(row)}" for r, row in enumerate(everyone.tolist()))
+        raise CollectiveMismatch(f"{reason}\nThe ranks called different collectives here: {calls}.")
+
+    def all_ranks_failed(self, summary: str, patience: float = 10.0) -> bool:
+        return self._monitor is None or self._monitor.all_ranks_failed(summary, patience)
+
+
+_CALL_KINDS = ("allreduce", "broadcast", "broadcast_object", "allgather", "allgather_object", "gather_object",
+               "barrier", "sum", "mean", "min", "max")
+
+
+def _describe_call(row: list[int]) -> str:
+    kind, dtype, numel, op = row
+    text = _CALL_KINDS[kind]
+    if dtype >= 0:
+        text += f" of {numel} {_LAYOUT_DTYPES[dtype]}"
+    return text + (f" ({_CALL_KINDS[op]})" if op >= 0 else "")
 
 
 def _buffer(tensor: Tensor) -> Any:
@@ -381,17 +460,20 @@ def _detect_cuda_aware() -> bool:
     return False
 
 
-class _Watchdog:
-    """Aborts the job when a collective stalls, after asking every rank what it is doing.
+class _Monitor:
+    """A daemon thread beside each rank's main thread, talking to the other ranks on a communicator of its own.
 
-    The hot path only stores the operation's name and start time. A daemon thread checks twice per second;
-    it also answers status queries from other ranks on a separate communicator, so the report of a stalled
-    rank can name what each other rank is doing (in which collective, or in none).
+    It answers other ranks' questions about what this rank is doing (in which collective, or in none), reports
+    and aborts a collective that stalls longer than ``timeout`` seconds (``None``: never), and lets ranks that
+    fail find out whether every rank failed. The hot path only stores the operation's name and start time.
+    Collectives are numbered in call order, identically on every rank: the same number on two ranks is the same
+    call, unless the ranks ran different code paths.
     """
 
-    _QUERY, _REPLY = 7001, 7002
+    _QUERY, _STALL_REPLY, _FAILURE_REPLY, _EVERY_RANK_FAILED = 7001, 7002, 7003, 7004
+    _PERIOD = 0.05
 
-    def __init__(self, comm: MPICommunicator, timeout: float) -> None:
+    def __init__(self, comm: MPICommunicator, timeout: float | None) -> None:
         self._comm = comm
         self.timeout = timeout
         self._stopped = threading.Event()
@@ -400,9 +482,11 @@ class _Watchdog:
         self._count = 0
         self._tensor: Tensor | None = None
         self._last = "none yet"
+        #: how many failures this rank has been through; ranks that fail together count alike
+        self._failures = 0
         # Status queries travel on a communicator of their own, never mixed with the collectives they watch.
         self._side = comm._comm.Dup()
-        self._thread = threading.Thread(target=self._run, name="lightning-mpi-watchdog", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="lightning-mpi-monitor", daemon=True)
         self._thread.start()
         # Runs before mpi4py's own atexit MPI_Finalize (atexit is last-in, first-out): no MPI call may follow it.
         atexit.register(self.stop)
@@ -421,61 +505,115 @@ class _Watchdog:
         self._last = self._op or self._last
         self._op = None
 
+    # -- what this rank is doing -------------------------------------------------------------------------
+
     def _describe(self, kind: str) -> str:
         tensor = self._tensor
         return kind if tensor is None else f"{kind} of {tuple(tensor.shape)} {tensor.dtype}"
 
-    def _status(self) -> str:
+    def _status(self) -> dict[str, Any]:
         op = self._op
+        status = {"count": self._count, "failures": self._failures, "context": self._comm.context or "no step"}
         if op is None:
-            return f"not in a collective ({self._comm.context or 'no step'}; last finished: #{self._count} {self._last})"
+            return {**status, "op": None, "text": f"not in a collective ({status['context']}; last finished: "
+                                                  f"#{self._count} {self._last})"}
         waited = time.monotonic() - self._since
-        return f"waiting {waited:.0f} s in #{self._count} {self._describe(op)} ({self._comm.context or 'no step'})"
+        return {**status, "op": op, "text": f"waiting {waited:.0f} s in #{self._count} {self._describe(op)} "
+                                            f"({status['context']})"}
+
+    # -- the thread --------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        side = self._side
-        period = min(0.5, self.timeout / 4)
-        while not self._stopped.wait(period):
-            self._answer_queries(side)
-            op = self._op
-            if op is not None and time.monotonic() - self._since > self.timeout:
-                self._report_and_abort(side, op)
+        while not self._stopped.wait(self._PERIOD):
+            try:
+                self._answer_queries()
+                op, timeout = self._op, self.timeout
+                if op is not None and timeout is not None and time.monotonic() - self._since > timeout:
+                    self._report_stall_and_abort(op, timeout)
+            except Exception as err:  # the monitor must never take the rank down on its own
+                print(f"[lightning-mpi] rank {self._comm.rank}: monitor error {err!r}", file=sys.stderr, flush=True)
 
-    def _answer_queries(self, side: Any) -> None:
-        MPI = self._comm._MPI
-        status = MPI.Status()
-        while side.Iprobe(source=MPI.ANY_SOURCE, tag=self._QUERY, status=status):
-            side.recv(source=status.Get_source(), tag=self._QUERY)
-            side.send(self._status(), dest=status.Get_source(), tag=self._REPLY)
+    def _answer_queries(self) -> None:
+        # A matched probe: the message is ours alone even while another thread probes the same communicator.
+        status = self._comm._MPI.Status()
+        while (message := self._side.improbe(source=self._comm._MPI.ANY_SOURCE, tag=self._QUERY, status=status)):
+            source, reply_tag = status.Get_source(), message.recv()
+            self._side.send(self._status(), dest=source, tag=reply_tag)
 
-    def _report_and_abort(self, side: Any, op: str) -> None:
+    def _ask_everyone(self, reply_tag: int, seconds: float, ranks: list[int]) -> dict[int, dict[str, Any]]:
+        """Every rank's status in ``ranks`` that answers within ``seconds`` (answering queries meanwhile)."""
+        for r in ranks:
+            self._side.isend(reply_tag, dest=r, tag=self._QUERY)
+        replies: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + seconds
+        status = self._comm._MPI.Status()
+        while len(replies) < len(ranks) and time.monotonic() < deadline:
+            message = self._side.improbe(source=self._comm._MPI.ANY_SOURCE, tag=reply_tag, status=status)
+            if message is not None:
+                replies[status.Get_source()] = message.recv()
+            else:
+                if threading.current_thread() is self._thread:
+                    self._answer_queries()
+                time.sleep(0.005)
+        return replies
+
+    # -- stalls ------------------------------------------------------------------------------------------
+
+    def _report_stall_and_abort(self, op: str, timeout: float) -> None:
         me = self._comm.rank
         others = [r for r in range(self._comm.size) if r != me]
-        for r in others:
-            side.isend(None, dest=r, tag=self._QUERY)
-        replies: dict[int, str] = {}
-        deadline = time.monotonic() + min(5.0, max(1.0, self.timeout))
-        MPI = self._comm._MPI
-        status = MPI.Status()
-        while len(replies) < len(others) and time.monotonic() < deadline:
-            self._answer_queries(side)
-            if side.Iprobe(source=MPI.ANY_SOURCE, tag=self._REPLY, status=status):
-                replies[status.Get_source()] = side.recv(source=status.Get_source(), tag=self._REPLY)
-            else:
-                time.sleep(0.01)
-        lines = [f"rank {me}: {self._status()}"]
-        lines += [f"rank {r}: {replies.get(r, 'no answer (process busy outside MPI, or gone)')}" for r in others]
-        # Collectives are numbered in call order, identically on every rank: same number, same collective.
-        arrived = [me] + [r for r, s in replies.items() if s.startswith("waiting") and f" #{self._count} " in s]
-        missing = [r for r in range(self._comm.size) if r not in arrived]
+        replies = self._ask_everyone(self._STALL_REPLY, min(5.0, max(1.0, timeout)), others)
+        mine = self._status()
+        lines = [f"rank {me}: {mine['text']}"]
+        lines += [f"rank {r}: {replies[r]['text'] if r in replies else 'no answer (process busy outside MPI, or gone)'}"
+                  for r in others]
+        same = [me] + [r for r, s in replies.items() if s["op"] == op and s["count"] == self._count]
+        elsewhere = [r for r, s in replies.items() if s["op"] is not None and r not in same]
+        missing = [r for r in range(self._comm.size) if r not in same]
+        verdict = f"Ranks in this collective: {sorted(same)}; ranks that did not arrive: {missing}."
+        if elsewhere:
+            verdict += (
+                f" Ranks {sorted(elsewhere)} wait in a different collective: the ranks called collectives in a "
+                "different order (code that runs on some ranks only, or different numbers of batches per rank)."
+            )
         print(
-            f"[lightning-mpi] rank {me}: collective {self._describe(op)} did not complete within {self.timeout:g} s "
-            f"({self._comm.context or 'no step'}). Ranks in this collective: {sorted(arrived)}; ranks that did "
-            f"not arrive: {missing}.\n  " + "\n  ".join(lines) + "\nAborting the job.",
+            f"[lightning-mpi] rank {me}: collective {self._describe(op)} did not complete within {timeout:g} s "
+            f"({self._comm.context or 'no step'}). {verdict}\n  " + "\n  ".join(lines) + "\nAborting the job.",
             file=sys.stderr,
             flush=True,
         )
         self._comm.abort(3)
+
+    # -- failures ----------------------------------------------------------------------------------------
+
+    def all_ranks_failed(self, summary: str, patience: float) -> bool:
+        self._failures += 1
+        others = [r for r in range(self._comm.size) if r != self._comm.rank]
+        waiting = list(others)
+        deadline = time.monotonic() + patience
+        while waiting and time.monotonic() < deadline:
+            if self._told_every_rank_failed():
+                return True
+            replies = self._ask_everyone(self._FAILURE_REPLY, 0.5, waiting)
+            for rank, status in replies.items():
+                if status["failures"] >= self._failures:
+                    waiting.remove(rank)  # failed too (and perhaps already handling it in collectives)
+                elif status["op"] is not None:
+                    return False  # waits in a collective for this rank, which will never come
+        if waiting:
+            return False
+        # Tell the others, who may still be asking: a rank that knows may leave (and stop answering) right away.
+        for r in others:
+            self._side.send(self._failures, dest=r, tag=self._EVERY_RANK_FAILED)
+        return True
+
+    def _told_every_rank_failed(self) -> bool:
+        status = self._comm._MPI.Status()
+        told = False
+        while (message := self._side.improbe(source=self._comm._MPI.ANY_SOURCE, tag=self._EVERY_RANK_FAILED,
+                                             status=status)):
+            told = told or message.recv() >= self._failures  # older verdicts are stale
+        return told
 
 
 _WORLD: Communicator | None = None
@@ -490,8 +628,8 @@ def world(timeout: float | None = 600.0) -> Communicator:
     global _WORLD
     if _WORLD is None:
         _WORLD = MPICommunicator(timeout=timeout) if launched_by_mpi() or _mpi_initialized() else Communicator()
-    elif isinstance(_WORLD, MPICommunicator) and _WORLD._watchdog is not None and timeout is not None:
-        _WORLD._watchdog.timeout = timeout
+    else:
+        _WORLD.set_timeout(timeout)
     return _WORLD
 
 
@@ -503,6 +641,8 @@ def _mpi_initialized() -> bool:
 def abort_on_exception(comm: Communicator, exception: BaseException) -> None:
     """Print ``exception`` with this rank's number, then end every rank of the job."""
     tb = "".join(traceback.format_exception(type(exception), exception, exception.__traceback__))
-    print(f"[lightning-mpi] rank {comm.rank}/{comm.size} failed:\n{tb}", file=sys.stderr, flush=True)
+    # The process's own stderr: an excepthook may have redirected sys.stderr into a buffer it never gets to print.
+    stream = sys.__stderr__ or sys.stderr
+    print(f"[lightning-mpi] rank {comm.rank}/{comm.size} failed:\n{tb}", file=stream, flush=True)
     comm.abort(1)
 

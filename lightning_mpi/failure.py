@@ -1,4 +1,10 @@
-"""Ending the whole MPI job when one rank fails, before anything can wait on the failed rank."""
+"""What a rank does when it fails: propagate the exception if every rank failed alike, else end the whole job.
+
+A rank that leaves alone leaves the others waiting forever in their next collective. But when every rank raises
+(a bad hyper-parameter caught by ``try``/``except`` around ``fit``, a test's ``pytest.raises``), the exception
+must propagate on every rank as in one process, so that ``on_exception`` callbacks run (and may communicate:
+``ModelCheckpoint(save_on_exception=True)`` saves, which is a collective).
+"""
 
 from __future__ import annotations
 
@@ -11,30 +17,39 @@ from typing_extensions import override
 
 from lightning_mpi.comm import Communicator, abort_on_exception
 
+_AGREED = "_lightning_mpi_every_rank_failed"
+
 
 def is_collective_stop(exception: BaseException) -> bool:
     """A SIGTERM stop: every rank raises it after the same batch (the strategy agrees on it), so nobody waits."""
     return isinstance(exception, SIGTERMException)
 
 
-class AbortOnFailure(Callback):
-    """Put first among the Trainer's callbacks: aborts the job before other ``on_exception`` hooks run.
+def end_job_unless_every_rank_failed(comm: Communicator, exception: BaseException) -> None:
+    """Return if the exception may propagate (one rank, a SIGTERM stop, or every rank failed); otherwise print
+    this rank's traceback and abort every rank of the job. Asks the other ranks once per exception."""
+    if comm.size == 1 or is_collective_stop(exception) or getattr(exception, _AGREED, False):
+        return
+    if comm.all_ranks_failed(f"{type(exception).__name__}: {exception}"):
+        setattr(exception, _AGREED, True)
+        return
+    abort_on_exception(comm, exception)
 
-    Those hooks may communicate (``ModelCheckpoint(save_on_exception=True)`` saves, which is a collective) on
-    the failing rank alone, which would wait for ranks that never come.
-    """
+
+class AbortOnFailure(Callback):
+    """Put first among the Trainer's callbacks: decides before other ``on_exception`` hooks run, which may
+    communicate and would wait forever for ranks that did not fail."""
 
     def __init__(self, comm: Communicator) -> None:
         self.comm = comm
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if self.comm.size > 1 and not is_collective_stop(exception):
-            abort_on_exception(self.comm, exception)
+        end_job_unless_every_rank_failed(self.comm, exception)
 
 
 def abort_on_uncaught_exceptions(comm: Communicator) -> None:
-    """Make an exception that escapes the script (outside any Trainer call) abort the job.
+    """Make an exception that escapes the script (outside any Trainer call) on some ranks only abort the job.
 
     Without this, the failed rank's interpreter exits into ``MPI_Finalize``, which waits for the other ranks
     while they wait in their next collective.
@@ -44,8 +59,8 @@ def abort_on_uncaught_exceptions(comm: Communicator) -> None:
         return
 
     def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
-        if comm.size > 1 and not isinstance(value, (KeyboardInterrupt, SystemExit)):
-            abort_on_exception(comm, value)
+        if not isinstance(value, (KeyboardInterrupt, SystemExit)):
+            end_job_unless_every_rank_failed(comm, value)
         previous(kind, value, tb)
 
     hook.lightning_mpi = True  # type: ignore[attr-defined]

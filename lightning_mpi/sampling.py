@@ -1,11 +1,11 @@
-"""Evaluation shards that count every sample exactly once."""
+"""Evaluation shards that count every sample exactly once, with the same number of batches on every rank."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, Sampler
 
 
 class ContiguousShard(Sampler[int]):
@@ -31,6 +31,47 @@ class ContiguousShard(Sampler[int]):
         return len(self.indices)
 
 
+class EvenShardBatches(Sampler[list[int]]):
+    """This rank's batches of an evaluation set: a contiguous block (see :class:`ContiguousShard`) cut into as many
+    batches as every other rank's block, so per-step collectives in evaluation pair up across ranks.
+
+    Every rank runs ``ceil(ceil(n / replicas) / batch_size)`` batches; batch sizes differ by at most one sample
+    (over all ranks and batches) and never exceed ``batch_size``. Every sample is in exactly one batch of one
+    rank, and concatenating the ranks' batches in rank order gives ``indices`` in order. With ``drop_last``, every
+    rank runs ``n // replicas // batch_size`` full batches and the rest of its block is dropped.
+
+    >>> [list(EvenShardBatches(range(9), 4, 2, r)) for r in range(2)]
+    [[[0, 1, 2], [3, 4]], [[5, 6], [7, 8]]]
+    >>> [len(EvenShardBatches(range(101), 10, 2, r)) for r in range(2)]
+    [6, 6]
+    """
+
+    def __init__(self, indices: Sequence[int], batch_size: int, replicas: int, rank: int, drop_last: bool = False) -> None:
+        n = len(indices)
+        if n < replicas:
+            raise ValueError(
+                f"The evaluation dataloader has {n} sample(s) for {replicas} ranks: every rank needs at least one "
+                "sample (samples are never repeated, so that each counts once). Evaluate on at least as many samples "
+                "as ranks, or evaluate in one process."
+            )
+        block = ContiguousShard(indices, replicas, rank).indices
+        if drop_last:
+            count = (n // replicas) // batch_size
+            self.batches = [block[i * batch_size : (i + 1) * batch_size] for i in range(count)]
+            return
+        count = -(-(-(-n // replicas)) // batch_size)  # ceil(ceil(n / replicas) / batch_size)
+        small, extra = divmod(len(block), count)
+        sizes = [small + 1] * extra + [small] * (count - extra)
+        starts = [sum(sizes[:i]) for i in range(count)]
+        self.batches = [block[start : start + size] for start, size in zip(starts, sizes)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def _base_order(sampler: Sampler) -> list[int]:
     """The sample order before Lightning's distributed sampler split it between ranks."""
     wrapped = getattr(getattr(sampler, "dataset", None), "_sampler", None)
@@ -47,15 +88,30 @@ def _base_order(sampler: Sampler) -> list[int]:
 
 
 def shard_evaluation_dataloader(dataloader: object, replicas: int, rank: int) -> object:
-    """Give ``dataloader`` this rank's unpadded contiguous block of the samples (all samples if ``replicas == 1``).
+    """Give ``dataloader`` this rank's share of the samples: all of them if ``replicas == 1``, else
+    :class:`EvenShardBatches` (same number of batches on every rank, every sample once).
 
-    The dataloader is changed in place (its batch sampler's sampler is swapped). Objects that are not
-    batched ``DataLoader``s are returned untouched.
+    The dataloader is changed in place. Left untouched: objects that are not ``DataLoader``s, loaders of an
+    ``IterableDataset`` (the user shards those, as under DDP: their sampler is infinite) and loaders without
+    batching. A custom batch sampler keeps its batching and gets a contiguous block of the samples, so ranks may
+    then run different numbers of batches.
     """
-    if not isinstance(dataloader, DataLoader) or dataloader.batch_sampler is None:
+    if not isinstance(dataloader, DataLoader) or isinstance(dataloader.dataset, IterableDataset):
         return dataloader
-    batch_sampler = getattr(dataloader.batch_sampler, "_batch_sampler", dataloader.batch_sampler)
+    outer = dataloader.batch_sampler
+    if outer is None:
+        return dataloader
+    batch_sampler = getattr(outer, "_batch_sampler", outer)  # inside Lightning's _IndexBatchSamplerWrapper (predict)
     if not hasattr(batch_sampler, "sampler"):
         return dataloader
-    batch_sampler.sampler = ContiguousShard(_base_order(batch_sampler.sampler), replicas, rank)
+    order = _base_order(batch_sampler.sampler)
+    if replicas == 1 or type(batch_sampler) is not BatchSampler:
+        batch_sampler.sampler = ContiguousShard(order, replicas, rank)
+        return dataloader
+    batches = EvenShardBatches(order, batch_sampler.batch_size, replicas, rank, batch_sampler.drop_last)
+    if outer is not batch_sampler:
+        outer._batch_sampler = batches
+    else:
+        # DataLoader forbids assigning batch_sampler after construction; its iterators read it at each epoch.
+        object.__setattr__(dataloader, "batch_sampler", batches)
     return dataloader

@@ -18,8 +18,8 @@ from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from torch.nn import Module
@@ -30,9 +30,10 @@ from lightning_mpi import checkpoint as ckpt
 from lightning_mpi.batching import TensorBatches
 from lightning_mpi.buffers import DEFAULT_BUCKET_MB
 from lightning_mpi.checks import check_launch, check_replicas_match
-from lightning_mpi.comm import Communicator, abort_on_exception, world
+from lightning_mpi.comm import Communicator, validate_timeout, world
 from lightning_mpi.environment import MPICommEnvironment
-from lightning_mpi.failure import AbortOnFailure, abort_on_uncaught_exceptions, is_collective_stop
+from lightning_mpi.join import JoinedBatches, StepStatus, UnevenInputs
+from lightning_mpi.failure import AbortOnFailure, abort_on_uncaught_exceptions, end_job_unless_every_rank_failed
 from lightning_mpi.metrics import sync_metrics
 from lightning_mpi.sampling import shard_evaluation_dataloader
 from lightning_mpi.sync import Ensemble, GradientAllreduce, ParameterAveraging, SyncPolicy
@@ -60,7 +61,8 @@ class MPIStrategy(ParallelStrategy):
         num_threads: torch threads per rank. Default: ``OMP_NUM_THREADS`` if set, else the cores this rank may
             use divided by the ranks sharing them.
         timeout: seconds any collective may take before the job is reported as stalled and aborted
-            (``None``: wait forever).
+            (``None`` or ``0``: wait forever). The job's communicator is shared by all strategies of a process: the
+            strategy that sets up last decides.
         on_nonfinite: what to do when any rank's gradients hold NaN or inf after backward: ``"ignore"`` (the
             default; e.g. AMP's gradient scaler handles them), ``"skip"`` (every rank drops this step's
             gradients, so the optimizer does not move; listed in ``skipped_steps``) or ``"raise"``
@@ -95,7 +97,8 @@ class MPIStrategy(ParallelStrategy):
         self._policy = _make_policy(
             sync, every_n_steps, every_n_epochs, warmup_steps, average_optimizer_state, voting, seed, bucket_mb
         )
-        factory: Callable[[], Communicator] = (lambda: communicator) if communicator else (lambda: world(timeout))
+        self._timeout = validate_timeout(timeout)
+        factory: Callable[[], Communicator] = (lambda: communicator) if communicator else (lambda: world(self._timeout))
         super().__init__(
             accelerator=accelerator,
             cluster_environment=MPICommEnvironment(factory),
@@ -114,6 +117,7 @@ class MPIStrategy(ParallelStrategy):
         self._sigterm_pending = False
         self._batches_seen = 0
         self._evaluation: ExitStack | None = None
+        self._uneven: UnevenInputs | None = None
         #: payload bytes this rank sent in collectives during each training epoch (see ``sync="average"``)
         self.bytes_per_epoch: list[int] = []
         self._bytes_at_epoch_start: int | None = None
@@ -131,10 +135,11 @@ class MPIStrategy(ParallelStrategy):
         return self._policy
 
     @property
-    def member_outputs(self) -> Tensor | None:
+    def member_outputs(self) -> Any:
         """Under ``sync="ensemble"``: every member's output of the last evaluation forward, ``[members, batch, ...]``
-        (the same on every rank); ``None`` otherwise."""
-        return self._policy.member_outputs if isinstance(self._policy, Ensemble) else None
+        (the same on every rank; the same structure as ``forward``'s output if that is a tuple or dict); ``None``
+        otherwise."""
+        return getattr(self._policy, "member_outputs", None)
 
     @property
     def is_distributed(self) -> bool:
@@ -185,6 +190,7 @@ class MPIStrategy(ParallelStrategy):
     @override
     def setup_environment(self) -> None:
         check_launch(self.parallel_devices or [], self.num_nodes, self.comm)
+        self.comm.set_timeout(self._timeout)  # the job's communicator is shared: the strategy in use decides
         self.set_world_ranks()
         abort_on_uncaught_exceptions(self.comm)
         # Lightning warns that evaluation samplers pad and duplicate samples; ours do not (process_dataloader).
@@ -206,12 +212,11 @@ class MPIStrategy(ParallelStrategy):
     def _batch_hooks_overridden(self) -> bool:
         module = self.lightning_module
         datamodule = getattr(module._trainer, "datamodule", None) if module is not None and module._trainer else None
-        hooks = ("transfer_batch_to_device", "on_after_batch_transfer")
-        return any(
-            is_overridden(hook, owner, parent)
+        return not all(
+            _is_lightning_default(owner, parent, hook)
             for owner, parent in ((module, LightningModule), (datamodule, LightningDataModule))
             if owner is not None
-            for hook in hooks
+            for hook in ("transfer_batch_to_device", "on_after_batch_transfer")
         )
 
     @override
@@ -226,9 +231,10 @@ class MPIStrategy(ParallelStrategy):
         super().setup(trainer)
         assert self.lightning_module is not None
         fitting = trainer.state.fn == TrainerFn.FITTING
-        if fitting and self._policy.name != "ensemble":
+        if fitting and self._policy.identical_replicas:
             check_replicas_match(self.comm, self.lightning_module, self.optimizers)
         self._policy.setup(self.comm, self.lightning_module, fitting=fitting, resuming=trainer.ckpt_path is not None)
+        self._uneven = UnevenInputs(self.comm)
         sync_metrics(self.lightning_module, self.comm, lambda: self.is_distributed)
         if not any(isinstance(cb, AbortOnFailure) for cb in trainer.callbacks):
             trainer.callbacks.insert(0, AbortOnFailure(self.comm))
@@ -238,9 +244,13 @@ class MPIStrategy(ParallelStrategy):
         """Evaluation and prediction get unpadded contiguous shards (or, for an ensemble, every sample)."""
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         stage = trainer.state.stage if trainer is not None else None
-        if stage == RunningStage.TRAINING and self._fast_tensor_batches and TensorBatches.applies_to(dataloader):
-            return TensorBatches(dataloader)  # type: ignore[arg-type]
-        if stage is None or stage == RunningStage.TRAINING or not trainer._accelerator_connector.use_distributed_sampler:
+        if stage == RunningStage.TRAINING:
+            if self._fast_tensor_batches and TensorBatches.applies_to(dataloader):
+                dataloader = TensorBatches(dataloader)  # type: ignore[arg-type]
+            if self.world_size > 1 and self._uneven is not None and not _takes_dataloader_iter(self.lightning_module):
+                dataloader = JoinedBatches(dataloader, self.comm, self._uneven)
+            return dataloader
+        if stage is None or not trainer._accelerator_connector.use_distributed_sampler:
             return dataloader
         replicas = 1 if self._policy.evaluates_all_samples else self.world_size
         return shard_evaluation_dataloader(dataloader, replicas, self.global_rank if replicas > 1 else 0)
@@ -288,20 +298,31 @@ class MPIStrategy(ParallelStrategy):
             self._sync_gradients = previous
 
     @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        assert self.lightning_module is not None and self._uneven is not None
+        status = self._uneven.current
+        self._policy.before_training_step(
+            self.lightning_module, synchronised=self._sync_gradients, source=status.source if status else 0
+        )
+        if self._uneven.joined:  # no batch of its own: step with the others, contributing nothing
+            return torch.zeros((), device=self.root_device, requires_grad=True)
+        return super().training_step(*args, **kwargs)
+
+    @override
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
         # Reduce between the precision plugin's backward and post_backward so that on_after_backward, gradient
         # clipping and AMP unscaling all see averaged gradients.
         self.pre_backward(closure_loss)
-        assert self.lightning_module is not None
+        assert self.lightning_module is not None and self._uneven is not None
         closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
-        scaled = closure_loss
-        if self._policy.syncs_gradients:
-            self._policy.before_backward(self.lightning_module)
+        self._policy.before_backward(self.lightning_module)
+        self._uneven.count_backward()
+        if not self._uneven.joined:
             scale = self._policy.loss_scale  # the policy's gradient reduction then needs no division
             scaled = closure_loss * scale if scale != 1.0 else closure_loss
-        self.precision_plugin.backward(scaled, self.lightning_module, optimizer, *args, **kwargs)
-        if self._sync_gradients and self._policy.syncs_gradients:
-            self._policy.after_backward(self.lightning_module)
+            self.precision_plugin.backward(scaled, self.lightning_module, optimizer, *args, **kwargs)
+        if self._sync_gradients:
+            self._policy.after_backward(self.lightning_module, weight=self._uneven.gradient_weight())
         if self._sync_gradients and self._on_nonfinite != "ignore":
             self._handle_nonfinite()
         closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
@@ -333,6 +354,9 @@ class MPIStrategy(ParallelStrategy):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         trainer = self.lightning_module.trainer
         self.comm.context = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+        assert self._uneven is not None
+        status = self._uneven.next_step(self.lightning_module.automatic_optimization)
+        self.comm.require_same_calls(_uneven_calls_reason(status) if status is not None and status.uneven else None)
         if self._policy.agree_on_stop(self._sigterm_pending, self._batches_seen):
             # Lightning raises SIGTERMException at the end of this batch, on every rank alike.
             trainer._signal_connector.received_sigterm = True
@@ -363,6 +387,7 @@ class MPIStrategy(ParallelStrategy):
 
     @override
     def on_train_end(self) -> None:
+        self.comm.require_same_calls(None)
         self._policy.on_train_end(self.lightning_module, self.optimizers)
         self._close_epoch_bytes()
 
@@ -370,6 +395,7 @@ class MPIStrategy(ParallelStrategy):
 
     def _enter_evaluation(self) -> None:
         assert self.lightning_module is not None
+        self.comm.require_same_calls(None)  # evaluation runs in lockstep, also after uneven training batches
         sync_metrics(self.lightning_module, self.comm, lambda: self.is_distributed)
         self._evaluation = ExitStack()
         self._evaluation.enter_context(self._policy.evaluation(self.lightning_module))
@@ -415,30 +441,35 @@ class MPIStrategy(ParallelStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """Write once (rank 0), atomically; an ensemble checkpoint holds every member."""
+        """Write once (rank 0); local files of the default IO atomically; an ensemble checkpoint holds every member."""
         assert self.lightning_module is not None
-        checkpoint["lightning_mpi"] = ckpt.strategy_state(
-            self._policy, self.comm, self.lightning_module, checkpoint.get("optimizer_states", [])
-        )
-        if self.is_global_zero:
-            ckpt.write_atomically(self.checkpoint_io, checkpoint, filepath, storage_options)
+        extra = ckpt.strategy_state(self._policy, self.comm, self.lightning_module, checkpoint.get("optimizer_states", []))
+        if self.is_global_zero:  # a new dict: callbacks' on_save_checkpoint saw the dict they were given
+            ckpt.save(self.checkpoint_io, {**checkpoint, "lightning_mpi": extra}, filepath, storage_options)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         state = checkpoint.get("lightning_mpi", {})
         self._policy.load_state_dict(state.get("policy", {}))
-        ckpt.restore_rank_state(checkpoint, self.global_rank, self.world_size)
+        if self._policy.restores_rank_states(fitting=self._fitting()):
+            ckpt.restore_rank_state(checkpoint, self.global_rank, self.world_size)
         return checkpoint
+
+    def _fitting(self) -> bool:
+        module = self.lightning_module
+        trainer = module._trainer if module is not None else None
+        return trainer is not None and trainer.state.fn == TrainerFn.FITTING
 
     # -- failures ------------------------------------------------------------------------------------------
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        """End the whole job: a rank that leaves alone would leave the others waiting forever."""
-        # Usually AbortOnFailure acted already; this covers failures before setup() installed it.
-        if self.world_size > 1 and self._comm_ready and not is_collective_stop(exception):
-            abort_on_exception(self.comm, exception)
+        """Let the exception propagate if every rank failed; otherwise end the whole job (a rank that leaves alone
+        would leave the others waiting forever)."""
+        # Usually AbortOnFailure decided already; this covers failures before setup() installed it.
+        if self._comm_ready:
+            end_job_unless_every_rank_failed(self.comm, exception)
 
     @classmethod
     @override
@@ -487,6 +518,29 @@ def _reduce_op_name(reduce_op: ReduceOp | str | None) -> str:
     if key not in _REDUCE_OPS:
         raise ValueError(f"MPIStrategy.reduce does not support reduce_op={reduce_op!r}: use mean, sum, max or min.")
     return _REDUCE_OPS[key]
+
+
+def _takes_dataloader_iter(module: LightningModule | None) -> bool:
+    """``training_step(dataloader_iter)`` pulls its own batches: there is no batch per step to bridge."""
+    return module is not None and is_param_in_hook_signature(module.training_step, "dataloader_iter", explicit=True)
+
+
+def _uneven_calls_reason(status: StepStatus) -> str:
+    joined = [r for r, active in enumerate(status.active) if not active]
+    training = [r for r, active in enumerate(status.active) if active]
+    return (
+        f"Uneven inputs: ranks {joined} have run out of training batches and step on with the others without running "
+        f"training_step, while ranks {training} still train. A collective inside training_step (self.log(..., "
+        "on_step=True, sync_dist=True), self.all_gather, a metric's compute) cannot be answered by the ranks without "
+        "data. Give every rank the same number of batches, or keep per-step collectives out of training_step (for "
+        "example log with on_step=False, on_epoch=True)."
+    )
+
+
+def _is_lightning_default(owner: object, parent: type, hook: str) -> bool:
+    """Whether ``owner.hook`` is Lightning's own default: not overridden in a subclass, nor replaced or wrapped on
+    the instance (a ``Mock``, a ``partial``), which ``is_overridden`` would not notice."""
+    return getattr(getattr(owner, hook, None), "__func__", None) is getattr(parent, hook)
 
 
 def _unwrap(optimizer: Any) -> Any:

@@ -7,16 +7,19 @@ by all ranks in the same order (the strategy makes sure of that), so no hook can
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+import hashlib
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.nn import Module
+from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from lightning_mpi import voting
-from lightning_mpi.buffers import DEFAULT_BUCKET_MB, Bucket, bucketize
+from lightning_mpi.buffers import DEFAULT_BUCKET_MB, Bucket, ByteBucket, bucketize
 from lightning_mpi.comm import Communicator
 
 
@@ -25,9 +28,17 @@ def _floating_state(module: Module) -> list[Tensor]:
     return list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
 
 
+def has_lazy_tensors(module: Module) -> bool:
+    """Whether ``module`` holds parameters or buffers of lazy modules that no forward has materialised yet."""
+    return any(is_lazy(t) for t in (*module.parameters(), *module.buffers()))
+
+
 def broadcast_module(comm: Communicator, module: Module, root: int = 0) -> None:
-    """Make every rank's parameters and buffers equal to those of rank ``root``."""
-    for bucket in bucketize(list(module.parameters()) + list(module.buffers())):
+    """Make every rank's (materialised) parameters and buffers equal to those of rank ``root``."""
+    if comm.size == 1:
+        return
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if not is_lazy(t)]
+    for bucket in bucketize(tensors):
         comm.broadcast_(bucket.pack(), root)
         bucket.unpack()
 
@@ -42,6 +53,8 @@ class SyncPolicy:
     syncs_gradients = False
     #: ranks may hold different models or optimizer state, so checkpoints keep every rank's own
     ranks_differ = True
+    #: every rank must build the same model and optimizers (checked at the start of fit)
+    identical_replicas = True
 
     def __init__(self) -> None:
         self.comm: Communicator = Communicator()
@@ -57,11 +70,16 @@ class SyncPolicy:
         """Factor the strategy applies to the loss before a synchronised backward."""
         return 1.0
 
-    def before_backward(self, module: Module) -> None:
-        """Called before every backward while gradients are synchronised (also on non-stepping micro-batches)."""
+    def before_training_step(self, module: Module, synchronised: bool, source: int = 0) -> None:
+        """Called before every ``training_step``; ``synchronised``: its backward will be synchronised; ``source``:
+        the lowest rank with a batch of its own in this step (see :mod:`lightning_mpi.join`)."""
 
-    def after_backward(self, module: Module) -> None:
-        """Called after every backward whose gradients feed an optimizer step."""
+    def before_backward(self, module: Module) -> None:
+        """Called before every backward through the strategy (also on non-stepping micro-batches)."""
+
+    def after_backward(self, module: Module, weight: float = 1.0) -> None:
+        """Called after every backward whose gradients feed an optimizer step (collective where it communicates).
+        Averaged gradients are multiplied by ``weight`` (more than 1 when some ranks had no batch to contribute)."""
 
     def agree_on_stop(self, requested: bool, batch: int) -> bool:
         """Whether any rank asked to stop; the same answer on every rank. Called before training batch ``batch``
@@ -95,6 +113,14 @@ class SyncPolicy:
         """The model state a checkpoint holds (collective: called on every rank)."""
         return module.state_dict()
 
+    def rank_state_dict(self, module: Module) -> dict[str, Any]:
+        """This rank's own model state, from which it continues training (stored per rank if ``ranks_differ``)."""
+        return module.state_dict()
+
+    def restores_rank_states(self, fitting: bool) -> bool:
+        """Whether a rank loads its own stored state (rather than the checkpoint's model) in this run."""
+        return self.ranks_differ
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -108,14 +134,25 @@ class GradientAllreduce(SyncPolicy):
     Replicas start from rank 0's parameters and buffers and stay identical because every rank applies the same
     averaged gradient. Gradients travel in flat buckets of their own dtype (float64 stays float64).
     A parameter whose gradient is ``None`` on some ranks receives the mean with zeros from those ranks; one
-    that has no gradient on any rank keeps ``grad=None``.
+    that has no gradient on any rank keeps ``grad=None``. Sparse gradients (``nn.Embedding(sparse=True)``) stay
+    sparse: their indices and values are gathered from every rank and summed.
+
+    Buffers (BatchNorm running statistics) follow rank 0, as under DDP with ``broadcast_buffers=True``: they
+    are broadcast from rank 0 before the first forward that follows a synchronised training step (the next
+    training step, or evaluation), and at the end of fit.
 
     Before backward, every parameter without a gradient gets its (zeroed) slice of the bucket as ``.grad``, so
     autograd accumulates straight into the bucket: no gradient is allocated, copied in or copied back. A hook
     notes which parameters really received a gradient, which keeps the ``None`` semantics above. The loss is
     scaled by ``1/N`` before backward (see :attr:`loss_scale`), so the allreduce is a plain sum; gradients
     therefore must come from a backward through the strategy (``training_step`` or ``manual_backward``), and
-    on a non-stepping micro-batch of gradient accumulation they hold ``local gradient / N``.
+    on a non-stepping micro-batch of gradient accumulation they hold ``local gradient / N``. Several
+    synchronised backward calls before one optimizer step (manual optimization) accumulate the averages, as
+    under DDP: gradients already averaged are scaled back to a ``1/N`` share before the next backward, so that
+    the next sum counts them once.
+
+    Lazy modules (``nn.LazyLinear``) are materialised by the first forward: buckets are built at the first
+    backward, and parameters and buffers are broadcast from rank 0 once that backward's gradients are averaged.
     """
 
     name = "allreduce"
@@ -125,21 +162,36 @@ class GradientAllreduce(SyncPolicy):
     def __init__(self, bucket_mb: float = DEFAULT_BUCKET_MB) -> None:
         super().__init__()
         self.bucket_mb = bucket_mb
-        self._buckets: list[_GradientBucket] = []
+        self._buckets: list[_GradientBucket] | None = None
+        self._sparse: list[Tensor] = []
+        self._buffers: ByteBucket | None = None
+        self._buffers_stale = False
+        self._buffer_source = 0
+        self._broadcast_after_backward = False
         self._stop_requested = False
         self._stop_agreed = False
         self._hooks: list[Any] = []
 
     def setup(self, comm: Communicator, module: Module, fitting: bool, resuming: bool) -> None:
         super().setup(comm, module, fitting, resuming)
-        broadcast_module(comm, module)
-        self.build_buckets(module)
+        if not (fitting and resuming):  # a resumed fit loads one checkpoint on every rank: replicas already agree
+            broadcast_module(comm, module)
+        self._buckets = None
+        self._buffers = None
+        self._buffers_stale = False
+        if not has_lazy_tensors(module):
+            self.build_buckets(module)
+        else:
+            self._broadcast_after_backward = comm.size > 1
 
     def build_buckets(self, module: Module) -> None:
-        trainable = [p for p in module.parameters() if p.requires_grad]
+        sparse = {id(m.weight) for m in module.modules() if isinstance(m, _SPARSE_MODULES) and m.sparse}
+        trainable = [p for p in module.parameters() if p.requires_grad and not is_lazy(p)]
+        self._sparse = [p for p in trainable if id(p) in sparse]
+        dense = [p for p in trainable if id(p) not in sparse]
         # The tail of each bucket carries one flag per parameter (how many ranks produced a gradient), then one
         # stop flag: a SIGTERM agreement travels with the gradients instead of in a collective of its own.
-        buckets = bucketize(trainable, self.bucket_mb, extra_per_tensor=1, extra_per_bucket=1)
+        buckets = bucketize(dense, self.bucket_mb, extra_per_tensor=1, extra_per_bucket=1)
         self._buckets = [_GradientBucket(b, self.comm) for b in buckets]
         for handle in self._hooks:
             handle.remove()
@@ -148,6 +200,8 @@ class GradientAllreduce(SyncPolicy):
             for gb in self._buckets
             for i, p in enumerate(gb.bucket.tensors)
         ]
+        buffers = [b for b in module.buffers() if not is_lazy(b)]
+        self._buffers = ByteBucket(buffers) if buffers and self.comm.size > 1 else None
 
     @property
     def loss_scale(self) -> float:
@@ -155,28 +209,70 @@ class GradientAllreduce(SyncPolicy):
         # no division pass over the gradients after the allreduce.
         return 1.0 / self.comm.size
 
+    def before_training_step(self, module: Module, synchronised: bool, source: int = 0) -> None:
+        self._follow_rank_zero_buffers()
+        # DDP's rule: a forward whose backward is synchronised makes the buffers stale for the next forward.
+        self._buffers_stale = synchronised and self._buffers is not None
+        self._buffer_source = source
+
+    def _follow_rank_zero_buffers(self) -> None:
+        if self._buffers_stale and self._buffers is not None:
+            self.comm.broadcast_(self._buffers.pack(), self._buffer_source)
+            self._buffers.unpack()
+        self._buffers_stale = False
+
     def before_backward(self, module: Module) -> None:
         if self.comm.size == 1:
             return
-        with torch.no_grad():
-            for bucket in (gb.bucket for gb in self._buckets):
-                params = bucket.tensors
-                missing = [i for i, p in enumerate(params) if p.grad is None]
-                if len(missing) == len(params):
-                    bucket.flat.zero_()
-                else:
-                    for i in missing:
-                        bucket.views[i].zero_()
-                for i in missing:
-                    params[i].grad = bucket.views[i]
+        if self._buckets is None:
+            self.build_buckets(module)  # lazy modules are materialised by now (the forward ran)
+        assert self._buckets is not None
+        for gradient_bucket in self._buckets:
+            gradient_bucket.prepare()
+        for p in self._sparse:
+            if p.grad is not None and getattr(p, "_lightning_mpi_reduced", False):
+                p.grad = p.grad * (1.0 / self.comm.size)
+            p._lightning_mpi_reduced = False  # type: ignore[attr-defined]
 
-    def after_backward(self, module: Module) -> None:
+    def after_backward(self, module: Module, weight: float = 1.0) -> None:
         if self.comm.size == 1:
             return
+        assert self._buckets is not None
         for gradient_bucket in self._buckets:
-            self._allreduce_bucket(gradient_bucket)
+            gradient_bucket.allreduce(self._stop_requested)
+            self._stop_agreed = self._stop_agreed or gradient_bucket.stop_requested
+            if weight != 1.0:
+                gradient_bucket.bucket.flat.mul_(weight)
+        if self._sparse:
+            self._allreduce_sparse(weight)
+        if self._broadcast_after_backward:
+            # Lazy parameters were initialised by each rank's first forward: make the replicas identical now that
+            # the graph is gone (before the first optimizer step).
+            self._broadcast_after_backward = False
+            broadcast_module(self.comm, module)
+
+    def _allreduce_sparse(self, weight: float) -> None:
+        has = torch.tensor([p.grad is not None for p in self._sparse], dtype=torch.int32)
+        counts = self.comm.allreduce_(has, "sum").tolist()
+        for p, count in zip(self._sparse, counts):
+            if count == 0:
+                continue
+            grad = p.grad.coalesce() if p.grad is not None else torch.sparse_coo_tensor(
+                torch.zeros((1, 0), dtype=torch.int64), torch.zeros((0, *p.shape[1:]), dtype=p.dtype), p.shape
+            )
+            if not grad.is_sparse:
+                raise RuntimeError(
+                    f"A parameter of a sparse embedding got a dense gradient ({tuple(p.shape)}): mixing sparse and "
+                    "dense gradients for one parameter is not supported."
+                )
+            indices = torch.cat(self.comm.allgather(grad.indices().t().contiguous())).t()
+            values = torch.cat(self.comm.allgather(grad.values().contiguous()))
+            p.grad = torch.sparse_coo_tensor(indices, values * weight, p.shape).coalesce()  # N shares of 1/N
+            p._lightning_mpi_reduced = True  # type: ignore[attr-defined]
 
     def agree_on_stop(self, requested: bool, batch: int) -> bool:
+        if not self._buckets:  # nothing dense to ride on (no backward yet, or only sparse gradients)
+            return super().agree_on_stop(requested, batch)
         # Answered from the last gradient allreduce, which carried every rank's request.
         self._stop_requested = requested
         agreed, self._stop_agreed = self._stop_agreed, False
@@ -186,44 +282,19 @@ class GradientAllreduce(SyncPolicy):
         # After the allreduce every rank holds the same buckets: a local look is already a global answer.
         if self.comm.size == 1 or not self._buckets:
             return super().gradients_finite(module)
-        return all(bool(torch.isfinite(gb.bucket.flat).all()) for gb in self._buckets)
+        dense = all(bool(torch.isfinite(gb.bucket.flat).all()) for gb in self._buckets)
+        return dense and all(bool(torch.isfinite(p.grad.values()).all()) for p in self._sparse if p.grad is not None)
 
-    def _allreduce_bucket(self, gradient_bucket: _GradientBucket) -> None:
-        bucket, received, tail = gradient_bucket.bucket, gradient_bucket.received, gradient_bucket.tail
-        params = bucket.tensors
-        grads = [p.grad for p in params]
-        # The usual step: autograd accumulated every gradient into the bucket, so the flags are all ones.
-        in_bucket = all(received) and all(g is v for g, v in zip(grads, bucket.views))
-        flags = [1.0] * len(params) if in_bucket else self._gather_strays(bucket, grads, received)
-        flags.append(1.0 if self._stop_requested else 0.0)
-        if tail is not None:
-            tail[:] = flags
-        else:
-            bucket.tail.copy_(torch.tensor(flags))
-        gradient_bucket.reduce()  # a plain sum of gradients already divided by N: see loss_scale
-        received[:] = [False] * len(received)
-        *counts, stop = (tail if tail is not None else bucket.tail).tolist()  # sums of 0/1 flags over ranks
-        self._stop_agreed = self._stop_agreed or stop > 0
-        if in_bucket:
-            return  # every count is at least our own 1: the averaged gradients already are the bucket's views
-        for p, view, count in zip(params, bucket.views, counts):
-            # The averaged gradient is handed out as a view of the bucket: no copy back.
-            p.grad = view if count > 0 else None
+    @contextmanager
+    def evaluation(self, module: Module) -> Iterator[None]:
+        self._follow_rank_zero_buffers()
+        yield
 
-    @staticmethod
-    def _gather_strays(bucket: Bucket, grads: list[Tensor | None], received: list[bool]) -> list[float]:
-        """Copy in gradients autograd did not accumulate into the bucket (``create_graph``, set by hand), zero
-        the slices of parameters without a gradient, and return this rank's flags (1: has a gradient)."""
-        with torch.no_grad():
-            pairs = [(v, g) for v, g in zip(bucket.views, grads) if g is not None and g.data_ptr() != v.data_ptr()]
-            if pairs:
-                torch._foreach_copy_([v for v, _ in pairs], [g for _, g in pairs])
-            flags = [0.0 if g is None or not (got or g.data_ptr() != v.data_ptr()) else 1.0
-                     for g, got, v in zip(grads, received, bucket.views)]
-            for view, flag in zip(bucket.views, flags):
-                if flag == 0.0:
-                    view.zero_()
-        return flags
+    def on_train_end(self, module: Module, optimizers: list[Optimizer]) -> None:
+        self._follow_rank_zero_buffers()
+
+
+_SPARSE_MODULES = (torch.nn.Embedding, torch.nn.EmbeddingBag)
 
 
 class _GradientBucket:
@@ -231,11 +302,77 @@ class _GradientBucket:
 
     def __init__(self, bucket: Bucket, comm: Communicator) -> None:
         self.bucket = bucket
+        self.size = comm.size
         #: which parameters autograd accumulated a gradient into since the last allreduce (post-accumulate hooks)
         self.received = [False] * len(bucket.tensors)
-        self.reduce = comm.prepared_allreduce(bucket.flat, "sum")
+        #: which parameters still hold the gradient the last allreduce gave them (not set to ``None`` since)
+        self.carried = [False] * len(bucket.tensors)
+        #: the views hold gradients averaged by the last allreduce (not yet zeroed or scaled back)
+        self.reduced = False
+        self.stop_requested = False
+        self._reduce = comm.prepared_allreduce(bucket.flat, "sum")
         # Flags are written through numpy where the tail is in host memory: ~1 µs instead of ~5 for torch.
-        self.tail = bucket.tail.numpy() if bucket.tail.device.type == "cpu" else None
+        self._tail = bucket.tail.numpy() if bucket.tail.device.type == "cpu" else None
+
+    def prepare(self) -> None:
+        """Before a backward: hand the bucket's views to autograd as gradients where there are none."""
+        params, views = self.bucket.tensors, self.bucket.views
+        missing = [i for i, p in enumerate(params) if p.grad is None]
+        with torch.no_grad():
+            if len(missing) == len(params):
+                self.bucket.flat.zero_()
+            else:
+                if self.reduced:  # a second synchronised backward before the step: count the average once
+                    self.bucket.flat.mul_(1.0 / self.size)
+                for i in missing:
+                    views[i].zero_()
+            for i in missing:
+                params[i].grad = views[i]
+                self.carried[i] = False
+        self.reduced = False
+
+    def allreduce(self, stop_requested: bool) -> None:
+        """Sum the bucket over ranks (with this rank's flags and stop request in its tail)."""
+        bucket, received = self.bucket, self.received
+        params = bucket.tensors
+        grads = [p.grad for p in params]
+        # The usual step: autograd accumulated every gradient into the bucket, so the flags are all ones.
+        in_bucket = all(received) and all(g is v for g, v in zip(grads, bucket.views))
+        flags = [1.0] * len(params) if in_bucket else self._gather_strays(grads)
+        flags.append(1.0 if stop_requested else 0.0)
+        if self._tail is not None:
+            self._tail[:] = flags
+        else:
+            bucket.tail.copy_(torch.tensor(flags))
+        self._reduce()  # a plain sum of gradients already divided by N: see GradientAllreduce.loss_scale
+        self.reduced = True
+        received[:] = [False] * len(received)
+        *counts, stop = (self._tail if self._tail is not None else bucket.tail).tolist()  # sums of 0/1 flags
+        self.stop_requested = stop > 0
+        if in_bucket:  # every count is at least our own 1: the averaged gradients already are the bucket's views
+            self.carried[:] = [True] * len(self.carried)
+            return
+        for i, (p, view, count) in enumerate(zip(params, bucket.views, counts)):
+            # The averaged gradient is handed out as a view of the bucket: no copy back.
+            p.grad = view if count > 0 else None
+            self.carried[i] = count > 0
+
+    def _gather_strays(self, grads: list[Tensor | None]) -> list[float]:
+        """Copy in gradients autograd did not accumulate into the bucket (``create_graph``, set by hand), zero
+        the slices of parameters without a gradient, and return this rank's flags (1: has a gradient)."""
+        views = self.bucket.views
+        with torch.no_grad():
+            pairs = [(v, g) for v, g in zip(views, grads) if g is not None and g.data_ptr() != v.data_ptr()]
+            if pairs:
+                torch._foreach_copy_([v for v, _ in pairs], [g for _, g in pairs])
+            flags = [
+                0.0 if g is None or not (got or carried or g.data_ptr() != v.data_ptr()) else 1.0
+                for g, got, carried, v in zip(grads, self.received, self.carried, views)
+            ]
+            for view, flag in zip(views, flags):
+                if flag == 0.0:
+                    view.zero_()
+        return flags
 
 
 def _mark_received(received: list[bool], index: int) -> Callable[[Tensor], None]:
@@ -258,8 +395,10 @@ class ParameterAveraging(SyncPolicy):
     rank continues from identical optimizer state too (replicas then diverge only through their data).
 
     Validation, test and checkpoints always see the averaged model. Between averaging points the ranks' local
-    models are kept: evaluation averages into the model temporarily and restores the local weights afterwards,
-    and a checkpoint stores the averaged weights.
+    models are kept: evaluation averages into the model temporarily and restores the local weights afterwards;
+    a checkpoint holds the averaged model, plus every rank's local model and optimizer state (also when it is
+    written during validation), so that a resumed fit continues exactly. Outside fit (``trainer.test(model,
+    ckpt_path=...)``), every rank evaluates the averaged model of the checkpoint.
     """
 
     name = "average"
@@ -287,7 +426,11 @@ class ParameterAveraging(SyncPolicy):
         self._in_sync = True
         self._gradients = GradientAllreduce(bucket_mb)
         self._bucket_mb = bucket_mb
-        self._buckets: list[Bucket] = []
+        self._module: Module | None = None
+        self._model_buckets: list[Bucket] | None = None
+        self._broadcast_after_backward = False
+        #: the local (not averaged) model while evaluation averages it temporarily
+        self._local: list[Tensor] | None = None
 
     @property
     def syncs_gradients(self) -> bool:  # type: ignore[override]
@@ -295,25 +438,40 @@ class ParameterAveraging(SyncPolicy):
 
     def setup(self, comm: Communicator, module: Module, fitting: bool, resuming: bool) -> None:
         super().setup(comm, module, fitting, resuming)
-        if not resuming:  # a resumed rank continues from its own model, stored in the checkpoint
-            broadcast_module(comm, module)
-        self._gradients.comm = comm
+        self._module = module
+        self._model_buckets = None
+        continuing = fitting and resuming  # each rank continues from its own model, stored in the checkpoint
         if self.warmup_steps > 0:  # gradient buckets (and their per-parameter hooks) only serve the warm-up
-            self._gradients.build_buckets(module)
-        self._buckets = bucketize(_floating_state(module), self._bucket_mb)
-        self._in_sync = True
+            self._gradients.setup(comm, module, fitting, resuming)
+        elif not continuing:
+            broadcast_module(comm, module)
+            self._broadcast_after_backward = has_lazy_tensors(module) and comm.size > 1
+        if not continuing:
+            self._in_sync = True
 
     @property
     def loss_scale(self) -> float:
-        return self._gradients.loss_scale if self.steps < self.warmup_steps else 1.0
+        return self._gradients.loss_scale if self.syncs_gradients else 1.0
+
+    def before_training_step(self, module: Module, synchronised: bool, source: int = 0) -> None:
+        if self.syncs_gradients:
+            self._gradients.before_training_step(module, synchronised, source)
 
     def before_backward(self, module: Module) -> None:
-        if self.steps < self.warmup_steps:
+        if self.syncs_gradients:
             self._gradients.before_backward(module)
 
-    def after_backward(self, module: Module) -> None:
-        if self.steps < self.warmup_steps:
-            self._gradients.after_backward(module)
+    def after_backward(self, module: Module, weight: float = 1.0) -> None:
+        if self.syncs_gradients:
+            self._gradients.after_backward(module, weight)
+        elif self._broadcast_after_backward:  # lazy modules: replicas start from rank 0's materialised model
+            self._broadcast_after_backward = False
+            broadcast_module(self.comm, module)
+
+    def agree_on_stop(self, requested: bool, batch: int) -> bool:
+        if self.syncs_gradients:
+            return self._gradients.agree_on_stop(requested, batch)
+        return super().agree_on_stop(requested, batch)
 
     def after_optimizer_step(self, module: Module, optimizers: list[Optimizer]) -> None:
         self.steps += 1
@@ -336,39 +494,64 @@ class ParameterAveraging(SyncPolicy):
         self.averagings += 1
         self._in_sync = True
 
+    def _buckets(self) -> list[Bucket]:
+        if self._model_buckets is None:  # built on first use: lazy modules are materialised by then
+            assert self._module is not None
+            self._model_buckets = bucketize(_floating_state(self._module), self._bucket_mb)
+        return self._model_buckets
+
     def _average_model(self) -> None:
         if self.comm.size == 1:
             return
-        for bucket in self._buckets:
+        for bucket in self._buckets():
             self.comm.allreduce_(bucket.pack(), "mean")
+            bucket.unpack()
+
+    def _load(self, values: list[Tensor]) -> None:
+        for bucket, saved in zip(self._buckets(), values):
+            bucket.flat.copy_(saved)
             bucket.unpack()
 
     @contextmanager
     def evaluation(self, module: Module) -> Iterator[None]:
-        if self._in_sync or self.comm.size == 1:
+        if self._in_sync or self.comm.size == 1 or self._local is not None:
             yield
             return
-        local = [b.pack().clone() for b in self._buckets]
+        self._local = [b.pack().clone() for b in self._buckets()]
         self._average_model()
         try:
             yield
         finally:
-            for bucket, saved in zip(self._buckets, local):
-                bucket.flat.copy_(saved)
-                bucket.unpack()
+            self._load(self._local)
+            self._local = None
 
     def model_state_dict(self, module: Module) -> dict[str, Any]:
-        if self._in_sync:
+        if self._in_sync or self._local is not None:  # in sync, or already averaged for evaluation
             return module.state_dict()
         with self.evaluation(module):
             return {k: v.clone() for k, v in module.state_dict().items()}
 
+    def rank_state_dict(self, module: Module) -> dict[str, Any]:
+        if self._local is None:
+            return module.state_dict()
+        # Written during validation (ModelCheckpoint saves in on_validation_end): the model is averaged for now,
+        # but this rank continues from its local weights.
+        averaged = [b.pack().clone() for b in self._buckets()]
+        self._load(self._local)
+        state = {k: v.clone() for k, v in module.state_dict().items()}
+        self._load(averaged)
+        return state
+
+    def restores_rank_states(self, fitting: bool) -> bool:
+        return fitting  # outside fit, every rank evaluates the averaged model the checkpoint holds
+
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "averagings": self.averagings}
+        return {"steps": self.steps, "averagings": self.averagings, "in_sync": self._in_sync}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state.get("steps", 0))
         self.averagings = int(state.get("averagings", 0))
+        self._in_sync = bool(state.get("in_sync", False))
 
 
 def _average_optimizer_state(comm: Communicator, optimizers: list[Optimizer], bucket_mb: float) -> None:
@@ -387,26 +570,30 @@ def _average_optimizer_state(comm: Communicator, optimizers: list[Optimizer], bu
 class Ensemble(SyncPolicy):
     """Every rank trains its own member on its own shard; evaluation combines the members.
 
-    Members start from different weights (re-initialised with a rank-dependent seed unless resuming) and see
-    different random streams. Validation, test and predict give every rank all samples in the same order; the
-    module's ``forward`` then returns the combined output of all members (see :mod:`lightning_mpi.voting`), so
-    metrics and predictions see the ensemble. ``member_outputs`` holds the last gathered per-member outputs
-    (``[members, batch, ...]``) for per-member metrics.
+    Members must start from different weights: when a fit starts with the same weights on every rank (a shared
+    seed), each member is re-initialised once with a rank-dependent seed; a later fit (fine-tuning, or continuing
+    after ``fit`` returned) finds the members different and continues from them. Validation, test and predict
+    give every rank all samples in the same order; the module's ``forward`` then returns the combined output of
+    all members (see :mod:`lightning_mpi.voting`; tuples, lists and dicts of tensors are combined leaf by leaf),
+    so metrics and predictions see the ensemble. ``member_outputs`` holds the last gathered per-member outputs
+    (``[members, batch, ...]``, or the same structure as the outputs) for per-member metrics. One rank is one
+    member: it then trains and evaluates exactly like a single-device Trainer.
     """
 
     name = "ensemble"
     evaluates_all_samples = True
+    identical_replicas = False
 
     def __init__(self, voting: str = "hard", seed: int | None = None) -> None:
         super().__init__()
         self.combine = combiner(voting)
         self.voting = voting
         self.seed = seed
-        self.member_outputs: Tensor | None = None
+        self.member_outputs: Any = None
 
     def setup(self, comm: Communicator, module: Module, fitting: bool, resuming: bool) -> None:
         super().setup(comm, module, fitting, resuming)
-        if fitting and not resuming:
+        if fitting and not resuming and comm.size > 1 and _same_on_every_rank(comm, module):
             base = self.seed if self.seed is not None else torch.initial_seed()
             torch.manual_seed((base + 7919 * comm.rank) % 2**63)
             for sub in module.modules():
@@ -415,22 +602,51 @@ class Ensemble(SyncPolicy):
 
     @contextmanager
     def evaluation(self, module: Module) -> Iterator[None]:
+        if self.comm.size == 1:
+            yield
+            return
         original = module.forward
+        own = module.__dict__.get("forward")
 
-        def ensemble_forward(*args: Any, **kwargs: Any) -> Tensor:
-            out = original(*args, **kwargs)
-            members = torch.stack(self.comm.allgather(out.detach()))
+        def ensemble_forward(*args: Any, **kwargs: Any) -> Any:
+            members = apply_to_collection(original(*args, **kwargs), Tensor, self._gather)
             self.member_outputs = members
-            return self.combine(members)
+            return apply_to_collection(members, Tensor, self._combine)
 
         module.forward = ensemble_forward  # type: ignore[method-assign]
         try:
             yield
         finally:
-            del module.forward
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own  # type: ignore[method-assign]
+
+    def _gather(self, output: Tensor) -> Tensor:
+        return torch.stack(self.comm.allgather(output.detach()))
+
+    def _combine(self, members: Tensor) -> Tensor:
+        # Every rank holds the same gathered outputs, so every rank raises this error alike.
+        voting.check_fits(self.voting, members)
+        return self.combine(members)
 
     def model_state_dict(self, module: Module) -> dict[str, Any]:
         return module.state_dict()
+
+    def restores_rank_states(self, fitting: bool) -> bool:
+        return True  # every rank evaluates (or continues training) its own member
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"voting": self.voting}
+
+
+def _same_on_every_rank(comm: Communicator, module: Module) -> bool:
+    """Whether every rank holds exactly the same parameters (one fingerprint per rank, compared)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for p in module.parameters():
+        if not is_lazy(p):
+            digest.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return len(set(comm.allgather_object(digest.hexdigest()))) == 1
 
 
 def combiner(name: str) -> Callable[[Tensor], Tensor]:

@@ -76,9 +76,50 @@ def mean_vote(outputs: Tensor) -> Tensor:
 
 
 def median_vote(outputs: Tensor) -> Tensor:
-    """Median of the members' predictions (regression; robust to one bad member). Even counts take the lower one.
+    """Median of the members' predictions (regression; robust to one bad member). An even number of members
+    gives the mean of the two middle predictions.
 
     >>> median_vote(torch.tensor([[1.0], [2.0], [100.0]]))
     tensor([2.])
+    >>> median_vote(torch.tensor([[1.0, 5.0], [3.0, 4.0]]))
+    tensor([2.0000, 4.5000])
     """
-    return outputs.median(dim=0).values
+    ordered = outputs.sort(dim=0).values
+    middle = ordered.shape[0] // 2
+    if ordered.shape[0] % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+#: votings that need class scores (logits) in the last dimension
+CLASS_VOTINGS = ("hard", "soft")
+
+
+def check_fits(voting: str, outputs: Tensor) -> None:
+    """Raise a ``ValueError`` saying what to choose if ``voting`` cannot combine member ``outputs`` ``[members, ...]``.
+
+    Hard and soft voting combine class scores: each member's output must be ``[batch, classes]`` (or more
+    dimensions) of floats with at least two classes. A regression output (one column) needs ``"mean"`` or
+    ``"median"``.
+
+    >>> check_fits("mean", torch.zeros(2, 4, 1))
+    >>> check_fits("hard", torch.zeros(2, 4, 1))
+    Traceback (most recent call last):
+    ...
+    ValueError: voting='hard' combines class scores, but each member's output has shape (4, 1) ...
+    """
+    if voting not in CLASS_VOTINGS:
+        if not outputs.is_floating_point():
+            raise ValueError(
+                f"voting={voting!r} averages predictions, but the members' outputs are {outputs.dtype}: return "
+                "floating-point predictions from forward."
+            )
+        return
+    member_shape = tuple(outputs.shape[1:])
+    if outputs.is_floating_point() and len(member_shape) >= 2 and member_shape[-1] >= 2:
+        return
+    raise ValueError(
+        f"voting={voting!r} combines class scores, but each member's output has shape {member_shape} "
+        f"({outputs.dtype}); it needs floating-point logits [batch, classes] with at least 2 classes. For "
+        "regression (one value per sample) use MPIStrategy(sync='ensemble', voting='mean') or voting='median'."
+    )

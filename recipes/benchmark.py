@@ -177,8 +177,8 @@ def allreduce_micro(repeats: int) -> dict[str, dict[int, float]]:
         for key, seconds in _time_interleaved(calls, repeats, per_block).items():
             out[key][kb] = seconds
     for comm in communicators.values():
-        if comm._watchdog is not None:
-            comm._watchdog.stop()
+        if comm._monitor is not None:
+            comm._monitor.stop()
     if rank == 0:
         print(json.dumps(out), flush=True)
     return out

@@ -65,3 +65,12 @@ def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     """Fail with the ranks' output unless the launch succeeded."""
     assert result.returncode == 0, f"exit code {result.returncode}\n--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
     return result
+
+
+def load_rank_results(out: str | os.PathLike, name: str, world: int) -> list[dict]:
+    """The results ``name`` that every rank of a scenario saved (``OUT/<name>.rank<r>.pt``), in rank order."""
+    import torch
+
+    ranks = [torch.load(Path(out) / f"{name}.rank{r}.pt", weights_only=False) for r in range(world)]
+    assert [r.get("world", world) for r in ranks] == [world] * world, "the launch did not run the requested ranks"
+    return ranks

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.mpirun import check, run_mpi
-from tests.scenarios.common import CASES, reference_parameters
+from tests.scenarios.common import CASES, batches_per_step, reference_parameters
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 
@@ -65,7 +65,7 @@ def test_parameter_without_gradient_stays_without(trained):
 def test_sync_dist_logging_is_global(trained):
     world, results = trained
     for case, ranks in results.items():
-        steps = 20 * CASES[case][1].get("accumulate_grad_batches", 1)
+        steps = 20 * batches_per_step(case)
         for r in ranks:
             assert r["rank_mean"] == pytest.approx((world - 1) / 2, abs=1e-12)
             # reduce_fx="sum": summed over ranks at every step, then over the epoch's steps

@@ -39,6 +39,6 @@ def test_replicas_identical_after_resume(results):
 
 def test_averaging_schedule_resumes(results):
     # every_n_steps=4 over 18 steps: averaged at 4, 8, 12, 16 and at the end of fit
-    assert results["average"][0]["policy"] == {"steps": 18, "averagings": 5}
+    assert results["average"][0]["policy"] == {"steps": 18, "averagings": 5, "in_sync": True}
     a, b = results["average"]
     assert all(torch.equal(a["resumed"][k], b["resumed"][k]) for k in a["resumed"])

@@ -43,6 +43,23 @@ def test_stalled_collective_is_reported_and_aborted():
     assert "rank 1: not in a collective" in report  # rank 1 answered: it is busy outside MPI
 
 
+def test_ranks_in_different_collectives_are_named_in_the_stall_report():
+    result, _ = launch("mismatch")
+    assert result.returncode != 0
+    report = result.stderr
+    assert "did not complete within 3 s (epoch 0, step 2)" in report
+    assert "wait in a different collective" in report
+    assert "rank 0: waiting" in report and "barrier" in report
+    assert "rank 1: waiting" in report and "allgather" in report
+
+
+def test_the_timeout_of_the_strategy_in_use_applies():
+    # A first Trainer without stall detection created the job's communicator; the second one's timeout=3 applies.
+    result, elapsed = launch("late_timeout")
+    assert result.returncode != 0
+    assert "collective barrier did not complete within 3 s" in result.stderr
+
+
 def test_killed_rank_ends_the_job():
     result, _ = launch("kill")
     assert result.returncode != 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader
 
 import lightning_mpi
@@ -46,3 +46,116 @@ def test_clear_errors_for_bad_arguments():
         MPIStrategy(sync="ensemble", voting="majority")
     with pytest.raises(ValueError, match="every_n_steps must be a positive integer"):
         MPIStrategy(sync="average", every_n_steps=0)
+
+
+def test_timeout_is_validated():
+    import pytest
+
+    for bad in (-1, float("nan"), "10", True):
+        with pytest.raises(ValueError, match="timeout=.* is not valid"):
+            MPIStrategy(timeout=bad)
+    for no_stall_detection in (0, None):
+        MPIStrategy(timeout=no_stall_detection)
+
+
+def _two_fits(strategy_factory) -> tuple[dict[str, torch.Tensor], float]:
+    """Fit, then fit again (fine-tuning) with a new Trainer: the second fit continues from the first."""
+    from tests.scenarios.lightning_paths import EnsembleRegressor
+
+    seed_everything(0)
+    model = EnsembleRegressor()
+    for epochs in (2, 1):
+        trainer = quiet_trainer(max_epochs=epochs, strategy=strategy_factory())
+        trainer.fit(model, DataLoader(regression_data(10 * BATCH), batch_size=BATCH, shuffle=True))
+    tested = trainer.test(model, DataLoader(regression_data(20, seed=3), batch_size=BATCH), verbose=False)[0]
+    return model.state_dict(), tested["test_loss"]
+
+
+def test_ensemble_at_world_size_one_is_a_single_device_trainer_also_for_a_second_fit():
+    expected, expected_loss = _two_fits(lambda: "auto")
+    got, loss = _two_fits(lambda: MPIStrategy(sync="ensemble", voting="mean"))
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+    assert loss == expected_loss
+
+
+ITERABLE_VALIDATION = """
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))  # an infinite sampler turned into a list fails fast
+from torch.utils.data import DataLoader
+from lightning_mpi import MPIStrategy
+from tests.scenarios.common import quiet_trainer, regression_data
+from tests.scenarios.lightning_paths import RankShardedStream, StepCollectives
+module = StepCollectives()
+stream = DataLoader(RankShardedStream(regression_data(10)), batch_size=3)
+logged = quiet_trainer(strategy=MPIStrategy(), limit_val_batches=None).validate(module, stream, verbose=False)[0]
+print("validated", logged["val_count"], module.batches)
+"""
+
+
+def test_iterable_validation_dataset_in_one_process():
+    import subprocess
+    import sys
+
+    from tests.mpirun import ROOT
+
+    result = subprocess.run([sys.executable, "-c", ITERABLE_VALIDATION], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert "validated 10.0 4" in result.stdout, result.stderr[-2000:]
+
+
+def test_batch_hooks_wrapped_on_the_instance_are_called():
+    from unittest.mock import Mock
+
+    model, _, _ = build("sgd_momentum")
+    model.transfer_batch_to_device = Mock(wraps=model.transfer_batch_to_device)
+    model.on_after_batch_transfer = Mock(wraps=model.on_after_batch_transfer)
+    quiet_trainer(max_steps=3, strategy=MPIStrategy()).fit(model, DataLoader(regression_data(4 * BATCH), batch_size=BATCH))
+    assert model.transfer_batch_to_device.call_count == 3 and model.on_after_batch_transfer.call_count == 3
+
+
+def test_lazy_modules_in_one_process():
+    from tests.scenarios.lightning_paths import LazyRegressor
+
+    seed_everything(0)
+    expected = LazyRegressor()
+    quiet_trainer(max_steps=3, devices=1).fit(expected, DataLoader(regression_data(4 * BATCH), batch_size=BATCH))
+    seed_everything(0)
+    got = LazyRegressor()
+    quiet_trainer(max_steps=3, strategy=MPIStrategy()).fit(got, DataLoader(regression_data(4 * BATCH), batch_size=BATCH))
+    for name, value in expected.state_dict().items():
+        assert torch.equal(got.state_dict()[name], value), name
+
+
+class _RunsCode:
+    """A pickled object that runs code when unpickled (here: it creates a file)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_load_ensemble_refuses_checkpoints_that_run_code(tmp_path):
+    import pickle
+
+    import pytest
+
+    from lightning_mpi import load_ensemble
+    from tests.scenarios.common import Regressor
+
+    member = Regressor().state_dict()
+    checkpoint = {"lightning_mpi": {"sync": "ensemble", "ranks": [{"state_dict": member}], "policy": {"voting": "mean"}},
+                  "hyper_parameters": {}}
+    torch.save(checkpoint, tmp_path / "fine.ckpt")
+    assert len(load_ensemble(tmp_path / "fine.ckpt", Regressor).members) == 1
+    marker = tmp_path / "code-ran"
+    checkpoint["hyper_parameters"] = {"note": _RunsCode(str(marker))}
+    torch.save(checkpoint, tmp_path / "evil.ckpt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_ensemble(tmp_path / "evil.ckpt", Regressor)
+    assert not marker.exists(), "loading ran code from the checkpoint"
+    with pytest.raises(TypeError):  # opting out loads everything: the object ran (and is no hyper-parameter)
+        load_ensemble(tmp_path / "evil.ckpt", Regressor, weights_only=False)
+    assert marker.exists()

@@ -23,7 +23,9 @@ def regression_data(n: int, dtype: torch.dtype = torch.float32, seed: int = 1) -
 class Regressor(LightningModule):
     """An MLP with a frozen parameter and one that never gets a gradient (both must survive syncing)."""
 
-    def __init__(self, optimizer: str = "sgd", lr: float = 0.05, manual: bool = False, log_rank: bool = False) -> None:
+    def __init__(
+        self, optimizer: str = "sgd", lr: float = 0.05, manual: bool = False, log_rank: bool = False, step_every: int = 1
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = not manual
@@ -43,10 +45,15 @@ class Regressor(LightningModule):
                      on_step=False, on_epoch=True)
         if self.automatic_optimization:
             return loss
+        # Lightning's accumulation pattern under manual optimization: a backward per batch (two here: the loss
+        # and a penalty), a step every ``step_every`` batches.
         opt = self.optimizers()
-        opt.zero_grad()
         self.manual_backward(loss)
-        opt.step()
+        if self.hparams.step_every > 1:
+            self.manual_backward(0.01 * self.net[0].weight.pow(2).sum())
+        if (batch_idx + 1) % self.hparams.step_every == 0:
+            opt.step()
+            opt.zero_grad()
         return None
 
     def configure_optimizers(self):
@@ -86,6 +93,7 @@ CASES = {
     "adam_clip": ({"optimizer": "adam", "lr": 0.02}, {"gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"}, torch.float32),
     "accumulate": ({"optimizer": "sgd"}, {"accumulate_grad_batches": 2}, torch.float32),
     "manual": ({"optimizer": "sgd", "manual": True}, {}, torch.float32),
+    "manual_accumulate": ({"optimizer": "sgd", "manual": True, "step_every": 3}, {}, torch.float32),
     "float64": ({"optimizer": "adam", "lr": 0.02}, {"gradient_clip_val": 0.05}, torch.float64),
 }
 STEPS, BATCH = 20, 4
@@ -98,9 +106,12 @@ def build(case: str, log_rank: bool = False) -> tuple[Regressor, torch.dtype, di
     return model, dtype, trainer_kwargs
 
 
+def batches_per_step(case: str) -> int:
+    return CASES[case][1].get("accumulate_grad_batches", CASES[case][0].get("step_every", 1))
+
+
 def samples_needed(case: str, world: int) -> int:
-    accumulate = CASES[case][1].get("accumulate_grad_batches", 1)
-    return STEPS * accumulate * BATCH * world
+    return STEPS * batches_per_step(case) * BATCH * world
 
 
 def quiet_trainer(**kwargs) -> Trainer:

@@ -26,11 +26,16 @@ class Failing(Regressor):
         if MODE.startswith("nan") and self.global_rank == 1 and batch_idx == BAD_STEP:
             x, y = batch
             return torch.nn.functional.mse_loss(self(x), y) * float("nan")
-        if MODE == "stall" and batch_idx == BAD_STEP:
+        if MODE in ("stall", "late_timeout") and batch_idx == BAD_STEP:
             if self.global_rank == 0:
                 self.trainer.strategy.barrier()  # rank 1 never arrives
             else:
                 time.sleep(120)
+        if MODE == "mismatch" and batch_idx == BAD_STEP:
+            if self.global_rank == 0:
+                self.trainer.strategy.barrier()  # rank 1 calls another collective instead
+            else:
+                self.all_gather(torch.ones(3))
         return super().training_step(batch, batch_idx)
 
     def validation_step(self, batch, batch_idx):
@@ -56,9 +61,11 @@ def model() -> Failing:
 
 def main() -> None:
     data = regression_data(64 * BATCH)
+    if MODE == "late_timeout":  # an earlier strategy without stall detection creates the job's communicator
+        quiet_trainer(strategy=MPIStrategy(timeout=None), max_steps=1).fit(Regressor(), DataLoader(data, batch_size=BATCH))
     trainer = quiet_trainer(
         strategy=MPIStrategy(
-            timeout=3 if MODE == "stall" else 60,
+            timeout=3 if MODE in ("stall", "late_timeout", "mismatch") else 60,
             on_nonfinite={"nan_skip": "skip", "nan_raise": "raise"}.get(MODE, "ignore"),
         ),
         max_epochs=2,
