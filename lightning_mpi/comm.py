@@ -12,6 +12,7 @@ is staged through a temporary host tensor and copied back.
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import re
 import sys
@@ -159,7 +160,7 @@ def validate_timeout(timeout: float | None) -> float | None:
     """
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout or timeout < 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout < 0:
         raise ValueError(
             f"timeout={timeout!r} is not valid: give the seconds a collective may take before the job is reported "
             "as stalled and aborted (a positive number), or None or 0 for no stall detection."
@@ -530,7 +531,7 @@ class _Monitor:
                 op, timeout = self._op, self.timeout
                 if op is not None and timeout is not None and time.monotonic() - self._since > timeout:
                     self._report_stall_and_abort(op, timeout)
-            except Exception as err:  # the monitor must never take the rank down on its own
+            except Exception as err:  # noqa: BLE001 - the monitor must never take the rank down on its own
                 print(f"[lightning-mpi] rank {self._comm.rank}: monitor error {err!r}", file=sys.stderr, flush=True)
 
     def _answer_queries(self) -> None:

@@ -161,3 +161,15 @@ def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
     with os.fdopen(fd, "w") as handle:
         json.dump(payload, handle, indent=2, default=str)
     os.replace(tmp, path)
+
+
+def check_strategy_fits_job(strategy: object, ranks: int) -> None:
+    """Refuse a one-process strategy (``strategy=single``) in a job of several MPI ranks: every rank would train
+    alone on all the data and the results would claim ``ranks`` ranks."""
+    from lightning_mpi.strategy import MPIStrategy
+
+    if ranks > 1 and not isinstance(strategy, MPIStrategy):
+        raise ValueError(
+            f"strategy={type(strategy).__name__} runs one process, but this job has {ranks} MPI ranks: use "
+            "strategy=allreduce, average or ensemble under mpirun, or run without mpirun."
+        )

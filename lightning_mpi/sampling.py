@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -59,7 +60,7 @@ class EvenShardBatches(Sampler[list[int]]):
             count = (n // replicas) // batch_size
             self.batches = [block[i * batch_size : (i + 1) * batch_size] for i in range(count)]
             return
-        count = -(-(-(-n // replicas)) // batch_size)  # ceil(ceil(n / replicas) / batch_size)
+        count = math.ceil(math.ceil(n / replicas) / batch_size)
         small, extra = divmod(len(block), count)
         sizes = [small + 1] * extra + [small] * (count - extra)
         starts = [sum(sizes[:i]) for i in range(count)]

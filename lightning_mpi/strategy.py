@@ -32,8 +32,8 @@ from lightning_mpi.buffers import DEFAULT_BUCKET_MB
 from lightning_mpi.checks import check_launch, check_replicas_match
 from lightning_mpi.comm import Communicator, validate_timeout, world
 from lightning_mpi.environment import MPICommEnvironment
-from lightning_mpi.join import JoinedBatches, StepStatus, UnevenInputs
 from lightning_mpi.failure import AbortOnFailure, abort_on_uncaught_exceptions, end_job_unless_every_rank_failed
+from lightning_mpi.join import JoinedBatches, StepStatus, UnevenInputs
 from lightning_mpi.metrics import sync_metrics
 from lightning_mpi.sampling import shard_evaluation_dataloader
 from lightning_mpi.sync import Ensemble, GradientAllreduce, ParameterAveraging, SyncPolicy

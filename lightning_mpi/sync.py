@@ -6,8 +6,8 @@ by all ranks in the same order (the strategy makes sure of that), so no hook can
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 import hashlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 

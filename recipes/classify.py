@@ -27,7 +27,7 @@ from torch import Tensor
 from lightning_mpi import MPIStrategy, hard_vote
 from lightning_mpi.comm import Communicator, world
 from lightning_mpi.data.images import ClassificationDataModule, stratified_folds, stratified_split
-from lightning_mpi.hydra import job_output_dir, mpi_hydra_main, write_json_atomically
+from lightning_mpi.hydra import check_strategy_fits_job, job_output_dir, mpi_hydra_main, write_json_atomically
 from lightning_mpi.threads import choose_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the report's plotting helpers sit next to this file
@@ -65,7 +65,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         features, labels, cfg.data.train_size, cfg.data.test_size, cfg.data.batch_size, cfg.seed
     )
     model: LightningModule = instantiate(cfg.model)
-    trainer = _trainer(cfg, instantiate(cfg.strategy))
+    strategy = instantiate(cfg.strategy)
+    check_strategy_fits_job(strategy, comm.size)
+    trainer = _trainer(cfg, strategy)
     began, cpu_began = time.perf_counter(), time.process_time()
     trainer.fit(model, datamodule=data)
     # CPU seconds show the work each rank did even when other jobs share the cores and stretch the wall time.

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_mpi.hydra import job_output_dir, mpi_hydra_main, write_json_atomically
+from lightning_mpi.hydra import check_strategy_fits_job, job_output_dir, mpi_hydra_main, write_json_atomically
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -34,17 +34,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
     from lightning.pytorch import Trainer, seed_everything
 
-    from lightning_mpi import MPIStrategy
     from lightning_mpi.comm import world
 
     start = time.perf_counter()
     comm = world()
     strategy = instantiate(cfg.strategy)
-    if comm.size > 1 and not isinstance(strategy, MPIStrategy):
-        raise ValueError(
-            f"strategy={type(strategy).__name__} runs one process, but this job has {comm.size} MPI ranks: use "
-            "strategy=allreduce, average or ensemble under mpirun, or run without mpirun."
-        )
+    check_strategy_fits_job(strategy, comm.size)
     if cfg.threads is not None and comm.size == 1:
         torch.set_num_threads(int(cfg.threads))
     seed_everything(cfg.seed, verbose=False)

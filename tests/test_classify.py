@@ -96,6 +96,15 @@ def test_two_rank_ensemble_run_and_report(tmp_path: Path) -> None:
     assert (tmp_path / "report" / "ensemble_table-digits-scaling.png").is_file()
 
 
+def test_one_process_strategy_is_refused_under_several_ranks(tmp_path: Path) -> None:
+    launched = run_mpi(
+        2, ["recipes/classify.py", "strategy=single", "data=digits", f"hydra.run.dir={tmp_path}"], timeout=120
+    )
+    assert launched.returncode != 0
+    assert "strategy=SingleDeviceStrategy runs one process, but this job has 2 MPI ranks" in launched.stderr
+    assert not (tmp_path / "result.json").exists()
+
+
 def test_speedup_and_kfold_tables() -> None:
     runs = [
         {"ranks": n, "sync": "allreduce", "train_time_s": t, "train_cpu_per_rank_s": [t] * n,

@@ -55,7 +55,7 @@ def test_ranks_in_different_collectives_are_named_in_the_stall_report():
 
 def test_the_timeout_of_the_strategy_in_use_applies():
     # A first Trainer without stall detection created the job's communicator; the second one's timeout=3 applies.
-    result, elapsed = launch("late_timeout")
+    result, _ = launch("late_timeout")
     assert result.returncode != 0
     assert "collective barrier did not complete within 3 s" in result.stderr
 

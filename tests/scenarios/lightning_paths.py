@@ -21,7 +21,15 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_mpi import MPIStrategy
 from lightning_mpi.comm import world
-from tests.scenarios.common import BATCH, FEATURES, DigitClassifier, Regressor, digits_data, quiet_trainer, regression_data
+from tests.scenarios.common import (
+    BATCH,
+    FEATURES,
+    DigitClassifier,
+    Regressor,
+    digits_data,
+    quiet_trainer,
+    regression_data,
+)
 
 
 def save(out: Path, name: str, result: dict[str, Any]) -> None:
