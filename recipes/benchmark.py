@@ -48,14 +48,14 @@ def build(workload: str) -> tuple[Any, Any, Callable]:
     torch.manual_seed(0)
     samples, _, _ = WORKLOADS[workload]
     if workload == "cnn":
-        from lightning_mpi.data.images import load_digits
-        from lightning_mpi.models.vision import CNNClassifier
+        from classification.data import load_digits
+        from classification.models import CNNClassifier
 
         images, labels = load_digits()
         reps = -(-samples // len(labels))
         data = TensorDataset(images.repeat(reps, 1, 1, 1)[:samples], labels.repeat(reps)[:samples])
         return CNNClassifier(), data, torch.nn.functional.cross_entropy
-    from lightning_mpi.models.forecasters import GRUForecaster, LSTMForecaster
+    from forecasting.models import GRUForecaster, LSTMForecaster
 
     module = (LSTMForecaster if workload == "lstm" else GRUForecaster)(window=14, hidden_size=50)
     x = torch.randn(samples, 14, 1)

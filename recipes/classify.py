@@ -12,12 +12,13 @@ command line.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from classification.data import ClassificationDataModule, stratified_folds, stratified_split
+from classify_report import plot_confusion_matrix
 from hydra.utils import instantiate
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.strategies import Strategy
@@ -26,12 +27,8 @@ from torch import Tensor
 
 from lightning_mpi import MPIStrategy, hard_vote
 from lightning_mpi.comm import Communicator, world
-from lightning_mpi.data.images import ClassificationDataModule, stratified_folds, stratified_split
 from lightning_mpi.hydra import check_strategy_fits_job, job_output_dir, mpi_hydra_main, write_json_atomically
 from lightning_mpi.threads import choose_threads
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the report's plotting helpers sit next to this file
-from classify_report import plot_confusion_matrix
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

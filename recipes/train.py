@@ -79,7 +79,7 @@ def _result(
     cfg: DictConfig, ranks: int, data: Any, model: Any, logged: dict[str, float], forecast: np.ndarray,
     fit_seconds: float,
 ) -> dict[str, Any]:
-    from lightning_mpi.data.timeseries import mae, rmse
+    from forecasting.data import mae, rmse
 
     _, target = data.test_windows()
     strategy = OmegaConf.select(cfg, "strategy.sync") or "single"

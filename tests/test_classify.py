@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
+import classify
+import classify_report
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from tests.mpirun import ROOT, check, run_mpi
-
-sys.path.insert(0, str(ROOT / "recipes"))
-import classify
-import classify_report
 
 
 def _compose(*overrides: str) -> DictConfig:
@@ -36,7 +33,7 @@ def test_default_config_is_the_mnist_cnn_ensemble() -> None:
 @pytest.mark.parametrize(
     ("experiment", "expected"),
     [
-        ("ensemble_table", {"strategy.sync": "ensemble", "model._target_": "lightning_mpi.models.vision.CNNClassifier"}),
+        ("ensemble_table", {"strategy.sync": "ensemble", "model._target_": "classification.models.CNNClassifier"}),
         ("mlp_speedup", {"strategy.sync": "allreduce", "data.name": "synthetic", "model.in_features": 64}),
         ("kfold", {"mode": "kfold", "kfold.folds": 10, "model.lr": 0.099, "model.optimizer": "sgd",
                    "data.batch_size": 1024, "trainer.max_epochs": 20}),

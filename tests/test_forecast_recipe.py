@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+import report
+import train
+from forecasting.data import ForecastDataModule
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_mpi import MPIStrategy
-from lightning_mpi.data.timeseries import ForecastDataModule
 from lightning_mpi.hydra import _check_argv, check_sweep_plugins
+from tests.mpirun import ROOT, check, run_mpi
 
-ROOT = Path(__file__).resolve().parents[1]
 TENNESSEE = ROOT.parent / "shared" / "data" / "tennessee-covid19-nyt.csv"
-sys.path.insert(0, str(ROOT / "recipes"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import report
-import train
 
 
 def config(*overrides: str) -> DictConfig:
@@ -103,7 +99,6 @@ def test_non_basic_sweepers_and_launchers_are_refused_under_mpi(monkeypatch: pyt
 
 
 def test_two_rank_multirun_shares_job_directories_and_statistics(tmp_path: Path) -> None:
-    from mpirun import check, run_mpi
 
     sweep = tmp_path / "sweep"
     launched = run_mpi(

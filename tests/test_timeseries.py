@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from lightning_mpi.data.timeseries import (
+from forecasting.data import (
     Cleaning,
     ForecastDataModule,
     WindowTransform,

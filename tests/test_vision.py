@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from lightning_mpi.data.images import (
+from classification.data import (
     ClassificationDataModule,
     IDXFormatError,
     load_digits,
@@ -21,7 +20,7 @@ from lightning_mpi.data.images import (
     stratified_folds,
     stratified_split,
 )
-from lightning_mpi.models.vision import CNNClassifier, MLPClassifier, mlp, study_cnn
+from classification.models import CNNClassifier, MLPClassifier, mlp, study_cnn
 
 MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist-t10k"
 
@@ -77,10 +76,10 @@ def test_optimizers_follow_the_config() -> None:
 
 def test_importing_the_modules_initialises_nothing() -> None:
     code = (
-        "import sys, lightning_mpi, lightning_mpi.data.images, lightning_mpi.models.vision;"
+        "import sys, lightning_mpi, classification.data, classification.models;"
         "assert 'mpi4py.MPI' not in sys.modules and 'sklearn' not in sys.modules, sorted(sys.modules)"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=Path(__file__).resolve().parents[1] / "recipes")
 
 
 # -- IDX files -----------------------------------------------------------------------------------------------------

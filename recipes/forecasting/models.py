@@ -1,7 +1,7 @@
 """Recurrent forecasters (LSTM, BiLSTM, GRU): a window of past days in, the next ``horizon`` days out.
 
 The modules train on scaled values (MSE) and report RMSE and MAE in case counts: the batches of
-:class:`~lightning_mpi.data.timeseries.ForecastDataModule` carry each window's last day and the raw targets, and
+:class:`~forecasting.data.ForecastDataModule` carry each window's last day and the raw targets, and
 the module's ``transform`` maps its outputs back. Under :class:`~lightning_mpi.MPIStrategy` the torchmetrics
 cover all ranks; ``predict`` returns forecasts in case counts, in time order.
 """
@@ -15,7 +15,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError
 
-from lightning_mpi.data.timeseries import WindowTransform
+from forecasting.data import WindowTransform
 
 Batch = tuple[Tensor, Tensor, Tensor, Tensor]
 

@@ -1,1 +1,0 @@
-"""Reusable data modules: time series (forecasting) and images (classification)."""
