@@ -124,10 +124,3 @@ def load_ensemble(
 
 # Plain hyperparameter containers that Lightning may store in a checkpoint.
 _SAFE_GLOBALS = [AttributeDict, Namespace]
-
-
-def gather_predictions(predict_loop: Any, comm: Communicator) -> None:
-    """Replace each rank's predictions by those of all ranks, in dataset order (shards are contiguous blocks)."""
-    for local in predict_loop._predictions:
-        everyone = comm.allgather_object(list(local))
-        local[:] = [batch for part in everyone for batch in part]

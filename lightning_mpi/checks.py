@@ -6,7 +6,6 @@ verdict and raise the same error together.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -15,6 +14,7 @@ from torch.nn import Module
 from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
+from lightning_mpi._lightning import after_every_trainer_init, trainer_builds_distributed
 from lightning_mpi.comm import Communicator, launcher_size
 
 
@@ -88,21 +88,13 @@ def warn_about_plain_trainers() -> None:
 
     Such a job trains one independent model per rank, which is rarely what ``mpirun -n N`` meant.
     """
-    from lightning.pytorch import Trainer
 
-    init = Trainer.__init__
-    if getattr(init, "lightning_mpi", False):
-        return
-
-    @functools.wraps(init)
-    def checked_init(trainer: Trainer, *args: Any, **kwargs: Any) -> None:
-        init(trainer, *args, **kwargs)
-        if not trainer._accelerator_connector.is_distributed:
+    def check(trainer: Any) -> None:
+        if not trainer_builds_distributed(trainer):
             rank_zero_warn(
                 f"lightning-mpi: this script runs under an MPI launcher with {launcher_size()} ranks, but the Trainer "
                 f"uses {type(trainer.strategy).__name__}: every rank will train its own, independent model. Pass "
                 "Trainer(strategy=MPIStrategy()) (or strategy='mpi') to train one model on all ranks."
             )
 
-    checked_init.lightning_mpi = True  # type: ignore[attr-defined]
-    Trainer.__init__ = checked_init  # type: ignore[method-assign]
+    after_every_trainer_init(check)

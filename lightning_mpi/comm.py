@@ -168,6 +168,24 @@ def validate_timeout(timeout: float | None) -> float | None:
     return float(timeout) if timeout > 0 else None
 
 
+class TrafficMeter:
+    """Payload bytes a rank sent in collectives during each training epoch."""
+
+    def __init__(self) -> None:
+        #: bytes per finished epoch, in order
+        self.per_epoch: list[int] = []
+        self._start: int | None = None
+
+    def start_epoch(self, comm: Communicator) -> None:
+        self.end_epoch(comm)
+        self._start = comm.bytes_sent()
+
+    def end_epoch(self, comm: Communicator) -> None:
+        if self._start is not None:
+            self.per_epoch.append(comm.bytes_sent() - self._start)
+            self._start = None
+
+
 def _check_op(tensor: Tensor, op: str) -> None:
     if op not in ("sum", "mean", "min", "max"):
         raise ValueError(f"Unknown reduction {op!r}: use 'sum', 'mean', 'min' or 'max'.")

@@ -77,17 +77,40 @@ class UnevenInputs:
         self._loader = loader
         self._pending.append(status)
 
-    def next_step(self, automatic_optimization: bool) -> StepStatus | None:
-        """Called at every training batch start, in batch order: the status of this step."""
+    def loader(self, dataloader: Any, takes_dataloader_iter: bool) -> Any:
+        """The training loader every rank iterates in lockstep (``dataloader`` itself in one process, or where
+        ``training_step`` pulls its own batches from a ``dataloader_iter``)."""
+        if self.comm.size == 1 or takes_dataloader_iter:
+            return dataloader
+        return JoinedBatches(dataloader, self.comm, self)
+
+    def next_step(self, automatic_optimization: bool) -> None:
+        """Called at every training batch start, in batch order: take this step's status. While some rank has no
+        batch, every collective checks that all ranks call the same one (a per-step collective in
+        ``training_step`` cannot be answered by a rank that skips it)."""
         self.current = self._pending.popleft() if self._pending else None
-        if self.current is not None and self.current.uneven and not automatic_optimization:
+        uneven = self.current is not None and self.current.uneven
+        if uneven and not automatic_optimization:
             raise UnevenInputsError(
                 f"Uneven inputs: at this training step only ranks {self._ranks(True)} have a batch and ranks "
                 f"{self._ranks(False)} have run out. Under manual optimization the strategy cannot step for the "
                 "ranks without data: give every rank the same number of batches (e.g. Lightning's distributed "
                 "sampler, or drop_last and equal shards)."
             )
-        return self.current
+        self.comm.require_same_calls(self._collective_in_step_reason() if uneven else None)
+
+    def stop_checking(self) -> None:
+        """Outside training steps (evaluation, the end of fit) ranks run in lockstep again."""
+        self.comm.require_same_calls(None)
+
+    def _collective_in_step_reason(self) -> str:
+        return (
+            f"Uneven inputs: ranks {self._ranks(False)} have run out of training batches and step on with the others "
+            f"without running training_step, while ranks {self._ranks(True)} still train. A collective inside "
+            "training_step (self.log(..., on_step=True, sync_dist=True), self.all_gather, a metric's compute) cannot "
+            "be answered by the ranks without data. Give every rank the same number of batches, or keep per-step "
+            "collectives out of training_step (for example log with on_step=False, on_epoch=True)."
+        )
 
     def _ranks(self, active: bool) -> list[int]:
         assert self.current is not None
@@ -95,7 +118,17 @@ class UnevenInputs:
 
     @property
     def joined(self) -> bool:
+        """This rank has no batch of its own in this step: it runs no ``training_step`` and no backward."""
         return self.current is not None and self.current.joined
+
+    @property
+    def source(self) -> int:
+        """The lowest rank with a batch of its own in this step."""
+        return self.current.source if self.current is not None else 0
+
+    def placeholder_loss(self, device: torch.device) -> torch.Tensor:
+        """What a joined rank's step returns to Lightning: a loss of zero that needs no backward."""
+        return torch.zeros((), device=device, requires_grad=True)
 
     def count_backward(self) -> None:
         self._backwards += 1

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, Sampler
+
+from lightning_mpi._lightning import (
+    batch_sampler_inside_wrapper,
+    replace_batch_sampler_inside_wrapper,
+    sampler_inside_wrapper,
+)
+from lightning_mpi.comm import Communicator
 
 
 class ContiguousShard(Sampler[int]):
@@ -75,9 +83,9 @@ class EvenShardBatches(Sampler[list[int]]):
 
 def _base_order(sampler: Sampler) -> list[int]:
     """The sample order before Lightning's distributed sampler split it between ranks."""
-    wrapped = getattr(getattr(sampler, "dataset", None), "_sampler", None)
-    if wrapped is not None:  # Lightning's (Unrepeated)DistributedSamplerWrapper around the user's sampler
-        return list(wrapped)
+    wrapped = sampler_inside_wrapper(sampler)
+    if wrapped is not None:
+        return list(wrapped)  # type: ignore[call-overload]
     if isinstance(sampler, DistributedSampler) or type(sampler).__name__ == "UnrepeatedDistributedSampler":
         n = len(sampler.dataset)  # type: ignore[arg-type]
         if getattr(sampler, "shuffle", False):
@@ -102,7 +110,7 @@ def shard_evaluation_dataloader(dataloader: object, replicas: int, rank: int) ->
     outer = dataloader.batch_sampler
     if outer is None:
         return dataloader
-    batch_sampler = getattr(outer, "_batch_sampler", outer)  # inside Lightning's _IndexBatchSamplerWrapper (predict)
+    batch_sampler = batch_sampler_inside_wrapper(outer)
     if not hasattr(batch_sampler, "sampler"):
         return dataloader
     order = _base_order(batch_sampler.sampler)
@@ -111,8 +119,16 @@ def shard_evaluation_dataloader(dataloader: object, replicas: int, rank: int) ->
         return dataloader
     batches = EvenShardBatches(order, batch_sampler.batch_size, replicas, rank, batch_sampler.drop_last)
     if outer is not batch_sampler:
-        outer._batch_sampler = batches
+        replace_batch_sampler_inside_wrapper(outer, batches)
     else:
         # DataLoader forbids assigning batch_sampler after construction; its iterators read it at each epoch.
         object.__setattr__(dataloader, "batch_sampler", batches)
     return dataloader
+
+
+def gather_shards(outputs: list[list[Any]], comm: Communicator) -> None:
+    """Replace each rank's outputs (one list of batch outputs per dataloader) by those of every rank, in dataset
+    order: shards are contiguous blocks in rank order (a collective)."""
+    for local in outputs:
+        everyone = comm.allgather_object(list(local))
+        local[:] = [batch for part in everyone for batch in part]

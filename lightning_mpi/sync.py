@@ -21,6 +21,8 @@ from torch.optim import Optimizer
 from lightning_mpi import voting
 from lightning_mpi.buffers import DEFAULT_BUCKET_MB, Bucket, ByteBucket, bucketize
 from lightning_mpi.comm import Communicator
+from lightning_mpi.sampling import gather_shards, shard_evaluation_dataloader
+from lightning_mpi.signals import FlagChannel
 
 
 def _floating_state(module: Module) -> list[Tensor]:
@@ -44,7 +46,11 @@ def broadcast_module(comm: Communicator, module: Module, root: int = 0) -> None:
 
 
 class SyncPolicy:
-    """Base policy: ranks train independently and nothing is communicated."""
+    """How ranks are combined: the hooks MPIStrategy calls at fixed points of Lightning's loop.
+
+    This base class trains every rank alone (nothing is communicated during training); evaluation takes a shard
+    per rank. Hooks that communicate say so: every rank reaches them in the same order.
+    """
 
     name = "none"
     #: evaluation and prediction see every sample on every rank (instead of a shard each)
@@ -62,8 +68,11 @@ class SyncPolicy:
     def setup(self, comm: Communicator, module: Module, fitting: bool, resuming: bool) -> None:
         self.comm = comm
 
-    #: a stop request (SIGTERM) is agreed on every this many training batches: one tiny collective each time
-    stop_check_every = 8
+    @property
+    def flag_channel(self) -> FlagChannel | None:
+        """A channel on which small agreements (a SIGTERM stop) ride with a collective this policy makes before
+        every training batch anyway; ``None`` if it makes none."""
+        return None
 
     @property
     def loss_scale(self) -> float:
@@ -80,14 +89,6 @@ class SyncPolicy:
     def after_backward(self, module: Module, weight: float = 1.0) -> None:
         """Called after every backward whose gradients feed an optimizer step (collective where it communicates).
         Averaged gradients are multiplied by ``weight`` (more than 1 when some ranks had no batch to contribute)."""
-
-    def agree_on_stop(self, requested: bool, batch: int) -> bool:
-        """Whether any rank asked to stop; the same answer on every rank. Called before training batch ``batch``
-        (counted from 0 in this fit, identically on every rank)."""
-        if self.comm.size == 1 or batch % self.stop_check_every:
-            return False
-        flag = torch.tensor([1 if requested else 0], dtype=torch.int32)
-        return bool(self.comm.allreduce_(flag, "max").item())
 
     def after_optimizer_step(self, module: Module, optimizers: list[Optimizer]) -> None:
         """Called after the first optimizer of the module stepped."""
@@ -108,6 +109,14 @@ class SyncPolicy:
     def evaluation(self, module: Module) -> Iterator[None]:
         """Context around validation, test and predict loops."""
         yield
+
+    def evaluation_loader(self, dataloader: object) -> object:
+        """What a rank evaluates and predicts on: its share of the samples (see :mod:`lightning_mpi.sampling`)."""
+        return shard_evaluation_dataloader(dataloader, self.comm.size, self.comm.rank)
+
+    def collect_predictions(self, predictions: list[list[Any]]) -> None:
+        """Turn each rank's predictions (one list of batch outputs per dataloader) into everyone's, in place."""
+        gather_shards(predictions, self.comm)
 
     def model_state_dict(self, module: Module) -> dict[str, Any]:
         """The model state a checkpoint holds (collective: called on every rank)."""
@@ -168,8 +177,8 @@ class GradientAllreduce(SyncPolicy):
         self._buffers_stale = False
         self._buffer_source = 0
         self._broadcast_after_backward = False
-        self._stop_requested = False
-        self._stop_agreed = False
+        self._sparse_reduced: set[int] = set()
+        self._flags = FlagChannel()
         self._hooks: list[Any] = []
 
     def setup(self, comm: Communicator, module: Module, fitting: bool, resuming: bool) -> None:
@@ -189,8 +198,8 @@ class GradientAllreduce(SyncPolicy):
         trainable = [p for p in module.parameters() if p.requires_grad and not is_lazy(p)]
         self._sparse = [p for p in trainable if id(p) in sparse]
         dense = [p for p in trainable if id(p) not in sparse]
-        # The tail of each bucket carries one flag per parameter (how many ranks produced a gradient), then one
-        # stop flag: a SIGTERM agreement travels with the gradients instead of in a collective of its own.
+        # The tail of each bucket carries one flag per parameter (how many ranks produced a gradient), then the
+        # flag of the policy's FlagChannel: a SIGTERM agreement travels with the gradients, no collective of its own.
         buckets = bucketize(dense, self.bucket_mb, extra_per_tensor=1, extra_per_bucket=1)
         self._buckets = [_GradientBucket(b, self.comm) for b in buckets]
         for handle in self._hooks:
@@ -230,17 +239,16 @@ class GradientAllreduce(SyncPolicy):
         for gradient_bucket in self._buckets:
             gradient_bucket.prepare()
         for p in self._sparse:
-            if p.grad is not None and getattr(p, "_lightning_mpi_reduced", False):
+            if p.grad is not None and id(p) in self._sparse_reduced:
                 p.grad = p.grad * (1.0 / self.comm.size)
-            p._lightning_mpi_reduced = False  # type: ignore[attr-defined]
+        self._sparse_reduced.clear()
 
     def after_backward(self, module: Module, weight: float = 1.0) -> None:
         if self.comm.size == 1:
             return
         assert self._buckets is not None
         for gradient_bucket in self._buckets:
-            gradient_bucket.allreduce(self._stop_requested)
-            self._stop_agreed = self._stop_agreed or gradient_bucket.stop_requested
+            gradient_bucket.allreduce(self._flags)
             if weight != 1.0:
                 gradient_bucket.bucket.flat.mul_(weight)
         if self._sparse:
@@ -268,15 +276,13 @@ class GradientAllreduce(SyncPolicy):
             indices = torch.cat(self.comm.allgather(grad.indices().t().contiguous())).t()
             values = torch.cat(self.comm.allgather(grad.values().contiguous()))
             p.grad = torch.sparse_coo_tensor(indices, values * weight, p.shape).coalesce()  # N shares of 1/N
-            p._lightning_mpi_reduced = True  # type: ignore[attr-defined]
+            self._sparse_reduced.add(id(p))
 
-    def agree_on_stop(self, requested: bool, batch: int) -> bool:
-        if not self._buckets:  # nothing dense to ride on (no backward yet, or only sparse gradients)
-            return super().agree_on_stop(requested, batch)
-        # Answered from the last gradient allreduce, which carried every rank's request.
-        self._stop_requested = requested
-        agreed, self._stop_agreed = self._stop_agreed, False
-        return agreed
+    @property
+    def flag_channel(self) -> FlagChannel | None:
+        # Flags ride in the tail of the gradient buckets; without a dense bucket (lazy modules before the first
+        # backward, only sparse gradients) there is nothing to ride on.
+        return self._flags if self._buckets else None
 
     def gradients_finite(self, module: Module) -> bool:
         # After the allreduce every rank holds the same buckets: a local look is already a global answer.
@@ -309,7 +315,6 @@ class _GradientBucket:
         self.carried = [False] * len(bucket.tensors)
         #: the views hold gradients averaged by the last allreduce (not yet zeroed or scaled back)
         self.reduced = False
-        self.stop_requested = False
         self._reduce = comm.prepared_allreduce(bucket.flat, "sum")
         # Flags are written through numpy where the tail is in host memory: ~1 µs instead of ~5 for torch.
         self._tail = bucket.tail.numpy() if bucket.tail.device.type == "cpu" else None
@@ -331,24 +336,24 @@ class _GradientBucket:
                 self.carried[i] = False
         self.reduced = False
 
-    def allreduce(self, stop_requested: bool) -> None:
-        """Sum the bucket over ranks (with this rank's flags and stop request in its tail)."""
+    def allreduce(self, flags: FlagChannel) -> None:
+        """Sum the bucket over ranks, with this rank's gradient flags and ``flags``' outgoing value in its tail."""
         bucket, received = self.bucket, self.received
         params = bucket.tensors
         grads = [p.grad for p in params]
         # The usual step: autograd accumulated every gradient into the bucket, so the flags are all ones.
         in_bucket = all(received) and all(g is v for g, v in zip(grads, bucket.views))
-        flags = [1.0] * len(params) if in_bucket else self._gather_strays(grads)
-        flags.append(1.0 if stop_requested else 0.0)
+        tail = [1.0] * len(params) if in_bucket else self._gather_strays(grads)
+        tail.append(1.0 if flags.outgoing else 0.0)
         if self._tail is not None:
-            self._tail[:] = flags
+            self._tail[:] = tail
         else:
-            bucket.tail.copy_(torch.tensor(flags))
+            bucket.tail.copy_(torch.tensor(tail))
         self._reduce()  # a plain sum of gradients already divided by N: see GradientAllreduce.loss_scale
         self.reduced = True
         received[:] = [False] * len(received)
-        *counts, stop = (self._tail if self._tail is not None else bucket.tail).tolist()  # sums of 0/1 flags
-        self.stop_requested = stop > 0
+        *counts, flagged = (self._tail if self._tail is not None else bucket.tail).tolist()  # sums of 0/1 flags
+        flags.deliver(flagged)
         if in_bucket:  # every count is at least our own 1: the averaged gradients already are the bucket's views
             self.carried[:] = [True] * len(self.carried)
             return
@@ -468,10 +473,9 @@ class ParameterAveraging(SyncPolicy):
             self._broadcast_after_backward = False
             broadcast_module(self.comm, module)
 
-    def agree_on_stop(self, requested: bool, batch: int) -> bool:
-        if self.syncs_gradients:
-            return self._gradients.agree_on_stop(requested, batch)
-        return super().agree_on_stop(requested, batch)
+    @property
+    def flag_channel(self) -> FlagChannel | None:
+        return self._gradients.flag_channel if self.syncs_gradients else None
 
     def after_optimizer_step(self, module: Module, optimizers: list[Optimizer]) -> None:
         self.steps += 1
@@ -630,8 +634,11 @@ class Ensemble(SyncPolicy):
         voting.check_fits(self.voting, members)
         return self.combine(members)
 
-    def model_state_dict(self, module: Module) -> dict[str, Any]:
-        return module.state_dict()
+    def evaluation_loader(self, dataloader: object) -> object:
+        return shard_evaluation_dataloader(dataloader, 1, 0)  # every member sees every sample, in order
+
+    def collect_predictions(self, predictions: list[list[Any]]) -> None:
+        """Every rank already holds the ensemble's predictions for every sample."""
 
     def restores_rank_states(self, fitting: bool) -> bool:
         return True  # every rank evaluates (or continues training) its own member
@@ -647,6 +654,34 @@ def _same_on_every_rank(comm: Communicator, module: Module) -> bool:
         if not is_lazy(p):
             digest.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return len(set(comm.allgather_object(digest.hexdigest()))) == 1
+
+
+def make_policy(
+    sync: str,
+    every_n_steps: int | None = None,
+    every_n_epochs: int | None = None,
+    warmup_steps: int = 0,
+    average_optimizer_state: bool = False,
+    voting: str | None = None,
+    seed: int | None = None,
+    bucket_mb: float = DEFAULT_BUCKET_MB,
+) -> SyncPolicy:
+    """The policy of ``MPIStrategy(sync=...)``, refusing options that belong to another mode."""
+    averaging_options = every_n_steps is not None or every_n_epochs is not None or warmup_steps or average_optimizer_state
+    if sync != "average" and averaging_options:
+        raise ValueError(
+            "every_n_steps, every_n_epochs, warmup_steps and average_optimizer_state only apply to "
+            f"MPIStrategy(sync='average', ...), not sync={sync!r}."
+        )
+    if sync != "ensemble" and voting is not None:
+        raise ValueError(f"voting={voting!r} only applies to MPIStrategy(sync='ensemble'), not sync={sync!r}.")
+    if sync == "allreduce":
+        return GradientAllreduce(bucket_mb)
+    if sync == "average":
+        return ParameterAveraging(every_n_steps, every_n_epochs, warmup_steps, average_optimizer_state, bucket_mb)
+    if sync == "ensemble":
+        return Ensemble(voting or "hard", seed)
+    raise ValueError(f"sync={sync!r} is not known: choose 'allreduce', 'average' or 'ensemble'.")
 
 
 def combiner(name: str) -> Callable[[Tensor], Tensor]:

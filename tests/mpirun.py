@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,10 +68,30 @@ def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
-def load_rank_results(out: str | os.PathLike, name: str, world: int) -> list[dict]:
-    """The results ``name`` that every rank of a scenario saved (``OUT/<name>.rank<r>.pt``), in rank order."""
-    import torch
+@dataclass
+class Launch:
+    """A finished launch of a scenario module on ``world`` ranks, whose ranks saved results into ``out``."""
 
-    ranks = [torch.load(Path(out) / f"{name}.rank{r}.pt", weights_only=False) for r in range(world)]
-    assert [r.get("world", world) for r in ranks] == [world] * world, "the launch did not run the requested ranks"
-    return ranks
+    world: int
+    out: Path
+    result: subprocess.CompletedProcess
+
+    def results(self, name: str) -> list[dict]:
+        """The results ``name`` that every rank saved (``OUT/<name>.rank<r>.pt``), in rank order; if a rank saved
+        none, the test fails with what the ranks printed."""
+        import torch
+
+        paths = [self.out / f"{name}.rank{r}.pt" for r in range(self.world)]
+        if not all(p.exists() for p in paths):
+            check(self.result)
+            raise AssertionError(f"the launch succeeded but saved no {name!r} results")
+        ranks = [torch.load(p, weights_only=False) for p in paths]
+        assert [r["world"] for r in ranks] == [self.world] * self.world, "the launch did not run the requested ranks"
+        return ranks
+
+
+def launch_scenario(
+    module: str, world: int, out: Path, *args: str, timeout: float = 420, mpirun_args: list[str] | None = None
+) -> Launch:
+    """Run ``python -m <module> OUT args...`` on ``world`` ranks (see :func:`run_mpi`)."""
+    return Launch(world, out, run_mpi(world, ["-m", module, str(out), *args], timeout=timeout, mpirun_args=mpirun_args))

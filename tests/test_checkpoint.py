@@ -5,17 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.mpirun import check, run_mpi
+from tests.mpirun import launch_scenario
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt")
-    check(run_mpi(2, ["-m", "tests.scenarios.checkpointing", str(out)], timeout=300))
-    return {
-        sync: [torch.load(out / f"{sync}.rank{r}.pt", weights_only=False) for r in range(2)]
-        for sync in ("allreduce", "average")
-    }
+    launched = launch_scenario("tests.scenarios.checkpointing", 2, tmp_path_factory.mktemp("ckpt"), timeout=300)
+    return {sync: launched.results(sync) for sync in ("allreduce", "average")}
 
 
 @pytest.mark.parametrize("sync", ["allreduce", "average"])

@@ -7,18 +7,15 @@ import torch
 from lightning.pytorch import seed_everything
 from torch.utils.data import DataLoader
 
-from tests.mpirun import check, run_mpi
+from tests.mpirun import Launch, launch_scenario
 from tests.scenarios.common import quiet_trainer
 from tests.scenarios.evaluation import SAMPLES, Evaluated, dataset
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
-def runs(request, tmp_path_factory):
+def launched(request, tmp_path_factory) -> Launch:
     world = request.param
-    out = tmp_path_factory.mktemp(f"evaluation{world}")
-    result = check(run_mpi(world, ["-m", "tests.scenarios.evaluation", str(out)], timeout=400))
-    load = lambda name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in range(world)]
-    return world, load("metrics"), load("early"), load("sigterm"), result
+    return launch_scenario("tests.scenarios.evaluation", world, tmp_path_factory.mktemp(f"evaluation{world}"))
 
 
 @pytest.fixture(scope="module")
@@ -32,50 +29,44 @@ def reference():
     return logged, model.all_errors, predictions
 
 
-def test_metrics_equal_single_process(runs, reference):
-    world, metrics, _, _, _ = runs
+def test_metrics_equal_single_process(launched, reference):
     expected, _, _ = reference
     assert set(expected) >= {"val_acc", "val_f1", "val_mse", "val_rmse", "val_auroc", "val_loss"}
-    for rank in metrics:
-        assert rank["world"] == world
+    for rank in launched.results("metrics"):
         for name, value in expected.items():
             if name == "val_count":
                 continue
             assert rank["logged"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
-def test_every_sample_counted_once(runs):
-    _, metrics, _, _, _ = runs
-    for rank in metrics:
+def test_every_sample_counted_once(launched):
+    for rank in launched.results("metrics"):
         assert rank["logged"]["val_count"] == SAMPLES
 
 
-def test_cat_state_metric_gathers_every_rank(runs, reference):
-    _, metrics, _, _, _ = runs
+def test_cat_state_metric_gathers_every_rank(launched, reference):
     _, errors, _ = reference
-    for rank in metrics:
+    for rank in launched.results("metrics"):
         assert rank["errors"].shape == (SAMPLES,)
         assert torch.allclose(rank["errors"], errors, atol=1e-6)  # contiguous shards: even the order matches
 
 
-def test_predictions_whole_dataset_in_order_on_every_rank(runs, reference):
-    _, metrics, _, _, _ = runs
+def test_predictions_whole_dataset_in_order_on_every_rank(launched, reference):
     _, _, predictions = reference
-    for rank in metrics:
+    for rank in launched.results("metrics"):
         assert torch.allclose(rank["predictions"], predictions, atol=1e-6)
 
 
-def test_early_stopping_stops_all_ranks_together(runs):
-    _, _, early, _, _ = runs
-    epochs = [r["epoch"] for r in early]
+def test_early_stopping_stops_all_ranks_together(launched):
+    epochs = [r["epoch"] for r in launched.results("early")]
     assert len(set(epochs)) == 1, epochs
     assert epochs[0] < 20  # rank 0 plateaus first and stops everyone
 
 
-def test_sigterm_on_one_rank_stops_all_at_the_same_step_and_resumes(runs):
-    _, _, _, sigterm, result = runs
+def test_sigterm_on_one_rank_stops_all_at_the_same_step_and_resumes(launched):
+    sigterm = launched.results("sigterm")
     steps = [r["stopped_at"] for r in sigterm]
     assert steps[0] is not None and len(set(steps)) == 1, steps
-    assert "rank 1 received SIGTERM" in result.stderr
+    assert "rank 1 received SIGTERM" in launched.result.stderr
     assert "last.ckpt" in sigterm[0]["saved"]
     assert all(r["resumed_epoch"] == 3 for r in sigterm)

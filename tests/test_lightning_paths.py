@@ -9,26 +9,15 @@ import torch
 from lightning.pytorch import seed_everything
 from torch.utils.data import DataLoader
 
-from tests.mpirun import check, load_rank_results, run_mpi
+from tests.mpirun import Launch, launch_scenario
 from tests.scenarios import lightning_paths as paths
 from tests.scenarios.common import BATCH, FixedOrder, distributed_order, quiet_trainer, regression_data
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
-def launched(request, tmp_path_factory):
+def launched(request, tmp_path_factory) -> Launch:
     world = request.param
-    out = tmp_path_factory.mktemp(f"paths{world}")
-    result = run_mpi(world, ["-m", "tests.scenarios.lightning_paths", str(out)], timeout=420)
-    return world, out, result
-
-
-def results(launched, name: str) -> list[dict]:
-    world, out, result = launched
-    try:
-        return load_rank_results(out, name, world)
-    except FileNotFoundError:
-        check(result)  # the launch failed: show what the ranks printed
-        raise
+    return launch_scenario("tests.scenarios.lightning_paths", world, tmp_path_factory.mktemp(f"paths{world}"))
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -36,7 +25,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def test_batchnorm_buffers_follow_rank_zero_like_ddp(launched):
-    for rank in results(launched, "batchnorm_vs_ddp"):
+    for rank in launched.results("batchnorm_vs_ddp"):
         assert rank["spread"] == 0.0, "parameters or BatchNorm statistics differ between ranks"
         assert max_diff(rank["ours"], rank["ddp"]) <= 1e-5  # parameters and running statistics equal DDP's
         for name in ("val_loss", "train_loss"):
@@ -44,25 +33,25 @@ def test_batchnorm_buffers_follow_rank_zero_like_ddp(launched):
 
 
 def test_averaging_checkpoint_is_evaluated_as_the_averaged_model(launched):
-    for rank in results(launched, "averaging_checkpoints"):
+    for rank in launched.results("averaging_checkpoints"):
         assert rank["tested"] == pytest.approx(rank["expected"], rel=1e-6)
 
 
 def test_averaging_resume_from_a_checkpoint_written_during_validation_is_exact(launched):
-    for rank in results(launched, "averaging_checkpoints"):
+    for rank in launched.results("averaging_checkpoints"):
         assert rank["epoch"] == 4
         assert max_diff(rank["full"], rank["resumed"]) == 0.0
 
 
 def test_hard_voting_refuses_regression_outputs_on_every_rank(launched):
-    for rank in results(launched, "ensemble_paths"):
+    for rank in launched.results("ensemble_paths"):
         assert rank["refusal"] is not None and "voting='hard' combines class scores" in rank["refusal"]
         assert "voting='mean'" in rank["refusal"]
 
 
 def test_median_voting_is_the_true_median(launched):
-    world, _, _ = launched
-    for rank in results(launched, "ensemble_paths"):
+    world = launched.world
+    for rank in launched.results("ensemble_paths"):
         members = rank["members"]
         ordered = members.sort(dim=0).values
         middle = world // 2
@@ -71,14 +60,14 @@ def test_median_voting_is_the_true_median(launched):
 
 
 def test_second_ensemble_fit_continues_from_the_members(launched):
-    ranks = results(launched, "ensemble_paths")
+    ranks = launched.results("ensemble_paths")
     for rank in ranks:
         assert torch.equal(rank["second_start"], rank["after_first"])
     assert not torch.equal(ranks[0]["after_first"], ranks[1]["after_first"]), "members should differ"
 
 
 def test_ensemble_combines_tuple_and_dict_outputs(launched):
-    ranks = results(launched, "ensemble_paths")
+    ranks = launched.results("ensemble_paths")
     own = [r["own"] for r in ranks]
     expected_main = torch.stack([o[0] for o in own]).mean(0)
     expected_double = torch.stack([o[1]["double"] for o in own]).mean(0)
@@ -90,24 +79,24 @@ def test_ensemble_combines_tuple_and_dict_outputs(launched):
 
 
 def test_per_step_collectives_in_evaluation_with_uneven_shards(launched):
-    world, _, _ = launched
+    world = launched.world
     seed_everything(0)
     reference = paths.StepCollectives()
     expected = quiet_trainer(devices=1, limit_val_batches=None).validate(
         reference, DataLoader(regression_data(9), batch_size=4), verbose=False)[0]
-    for rank in results(launched, "evaluation_paths"):
+    for rank in launched.results("evaluation_paths"):
         assert len(set(rank["batches"])) == 1 and len(rank["batches"]) == world
         assert rank["logged"]["val_count"] == 9 and rank["logged"]["gathered_count"] == 9
         assert rank["logged"]["val_step_loss_epoch"] == pytest.approx(expected["val_step_loss_epoch"], rel=1e-6)
 
 
 def test_iterable_validation_dataset_is_left_to_the_user_to_shard(launched):
-    for rank in results(launched, "evaluation_paths"):
+    for rank in launched.results("evaluation_paths"):
         assert rank["stream_seen"] == 10 and rank["streamed"]["val_count"] == 10
 
 
 def test_exception_on_every_rank_propagates_and_runs_on_exception_callbacks(launched):
-    for rank in results(launched, "exceptions_everywhere"):
+    for rank in launched.results("exceptions_everywhere"):
         assert rank["caught"] == "bad hyper-parameter, on every rank"
         assert rank["seen"] == ["ValueError"]
         assert rank["files"] == ["epoch=1-step=10.ckpt"]  # ModelCheckpoint(save_on_exception=True) saved once
@@ -115,27 +104,27 @@ def test_exception_on_every_rank_propagates_and_runs_on_exception_callbacks(laun
 
 
 def test_async_checkpoint_io_writes_and_callbacks_keep_their_dict(launched):
-    for rank in results(launched, "checkpoint_io"):
+    for rank in launched.results("checkpoint_io"):
         assert rank["files"] == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt"]
         assert max_diff(rank["loaded"], rank["model"]) == 0.0
         assert "lightning_mpi" not in rank["keys_seen"]
 
 
 def test_lazy_modules_are_identical_on_every_rank(launched):
-    for rank in results(launched, "lazy_and_sparse"):
+    for rank in launched.results("lazy_and_sparse"):
         assert rank["lazy_spread"] == 0.0
         assert all(torch.isfinite(v).all() for v in rank["lazy"].values())
 
 
 def test_sparse_gradients_stay_sparse_and_equal_one_process(launched):
-    world, _, _ = launched
+    world = launched.world
     seed_everything(0)
     reference = paths.SparseEmbedding()
     data = paths.token_data(paths.SPARSE_STEPS * BATCH * world)
     order = distributed_order(len(data), world, BATCH)
     quiet_trainer(devices=1, max_steps=paths.SPARSE_STEPS).fit(
         reference, DataLoader(data, batch_size=world * BATCH, sampler=FixedOrder(order)))
-    for rank in results(launched, "lazy_and_sparse"):
+    for rank in launched.results("lazy_and_sparse"):
         assert rank["sparse_seen"] and all(rank["sparse_seen"])
         assert max_diff(rank["sparse"], reference.state_dict()) <= 1e-5
 
@@ -155,10 +144,10 @@ def uneven_reference(world: int) -> tuple[dict, float]:
 
 
 def test_uneven_inputs_are_bridged_and_equal_one_process(launched):
-    world, _, _ = launched
+    world = launched.world
     expected, expected_val = uneven_reference(world)
     steps = paths.UNEVEN_EPOCHS * (3 + world - 1)  # the longest shard sets the pace
-    for rank in results(launched, "uneven_inputs"):
+    for rank in launched.results("uneven_inputs"):
         for loader in ("sized", "stream"):
             run = rank[loader]
             assert run["steps"] == [steps] * world, f"{loader}: ranks ended at different steps"
@@ -169,7 +158,7 @@ def test_uneven_inputs_are_bridged_and_equal_one_process(launched):
 
 
 def test_uneven_inputs_that_cannot_be_bridged_fail_on_every_rank(launched):
-    for rank in results(launched, "uneven_inputs"):
+    for rank in launched.results("uneven_inputs"):
         assert rank["step_collective"].startswith("Uneven inputs: ranks [0")
         assert "The ranks called different collectives here" in rank["step_collective"]
         assert "Under manual optimization" in rank["manual"]

@@ -13,13 +13,13 @@ from forecasting.data import (
     WindowTransform,
     chunk_bounds,
     clean_chunk,
+    errors,
     fit_scaler,
     fit_transform,
     load_date_value,
     load_nyt_state,
     make_windows,
     persistence,
-    rmse,
     seasonal_naive,
     sir_series,
     split_index,
@@ -179,7 +179,7 @@ def test_datamodule_on_tennessee_reproduces_the_persistence_figure() -> None:
     x, y, last, raw = next(iter(data.test_dataloader()))
     assert x.shape == (128, 14, 1) and y.shape == (128, 1) and last.shape == (128, 1)
     assert float(x.max()) > 1.0  # the test period lies above the training range
-    assert rmse(raw.numpy(), data.test_windows()[1][:128]) < 1.0
+    assert errors(raw.numpy(), data.test_windows()[1][:128])["rmse"] < 1.0
 
 
 def test_datamodule_errors_before_training(tmp_path: Path) -> None:

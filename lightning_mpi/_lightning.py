@@ -1,0 +1,78 @@
+"""The Lightning internals lightning-mpi relies on, all in one place.
+
+Lightning has no public way to do these few things. Each is used through a function here, and
+``tests/test_lightning_internals.py`` fails on a Lightning version where one of them changed (pyproject's
+``lightning`` range lists the versions tested).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+
+
+def request_stop(trainer: Trainer) -> None:
+    """Make Lightning stop after the current training batch as if this rank had received SIGTERM (every rank
+    calls it at the same batch: the strategy agreed on it)."""
+    trainer._signal_connector.received_sigterm = True
+
+
+def uses_distributed_sampler(trainer: Trainer) -> bool:
+    """``Trainer(use_distributed_sampler=...)``: whether the user lets Lightning (and us) shard the data."""
+    return bool(trainer._accelerator_connector.use_distributed_sampler)
+
+
+def trainer_builds_distributed(trainer: Trainer) -> bool:
+    """Whether the Trainer's strategy trains one model over several processes."""
+    return bool(trainer._accelerator_connector.is_distributed)
+
+
+def cached_predictions(trainer: Trainer) -> list[list[Any]]:
+    """The predict loop's outputs, one list of batch outputs per dataloader (mutable in place)."""
+    return trainer.predict_loop._predictions
+
+
+def sampler_inside_wrapper(sampler: object) -> object | None:
+    """The user's sampler inside Lightning's ``(Unrepeated)DistributedSamplerWrapper``, if ``sampler`` is one."""
+    return getattr(getattr(sampler, "dataset", None), "_sampler", None)
+
+
+def batch_sampler_inside_wrapper(batch_sampler: object) -> object:
+    """The batch sampler inside Lightning's ``_IndexBatchSamplerWrapper`` (predict), else ``batch_sampler``."""
+    return getattr(batch_sampler, "_batch_sampler", batch_sampler)
+
+
+def replace_batch_sampler_inside_wrapper(wrapper: object, batch_sampler: object) -> None:
+    wrapper._batch_sampler = batch_sampler  # type: ignore[attr-defined]
+
+
+def attached_trainer(module: LightningModule | None) -> Trainer | None:
+    """The Trainer ``module`` is attached to, or ``None``."""
+    try:
+        return module.trainer if module is not None else None
+    except RuntimeError:  # "... is not attached to a `Trainer`."
+        return None
+
+
+def is_lightning_default(owner: object, parent: type, hook: str) -> bool:
+    """Whether ``owner.hook`` is Lightning's own default: not overridden in a subclass, nor replaced or wrapped on
+    the instance (a ``Mock``, a ``partial``), which Lightning's ``is_overridden`` would not notice."""
+    return getattr(getattr(owner, hook, None), "__func__", None) is getattr(parent, hook)
+
+
+def after_every_trainer_init(check: Callable[[Trainer], None]) -> None:
+    """Run ``check(trainer)`` after every ``Trainer.__init__`` of this process (once installed, idempotent)."""
+    init = Trainer.__init__
+    if getattr(init, "lightning_mpi", False):
+        return
+
+    @functools.wraps(init)
+    def checked_init(trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        init(trainer, *args, **kwargs)
+        check(trainer)
+
+    checked_init.lightning_mpi = True  # type: ignore[attr-defined]
+    Trainer.__init__ = checked_init  # type: ignore[method-assign]
