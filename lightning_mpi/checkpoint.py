@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from argparse import Namespace
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -26,7 +28,10 @@ def strategy_state(
     also store every rank's own model and optimizer state under ``"ranks"``, so a resumed job continues exactly
     where each rank was; the checkpoint's ordinary ``state_dict`` stays the averaged model (or member 0).
     """
-    state: dict[str, Any] = {"sync": policy.name, "world_size": comm.size, "policy": policy.state_dict()}
+    policy_state = policy.state_dict()
+    if not (policy.ranks_differ or policy_state):
+        return {}  # nothing beyond Lightning's own checkpoint (gradient allreduce: the same file as DDP's)
+    state: dict[str, Any] = {"sync": policy.name, "world_size": comm.size, "policy": policy_state}
     if policy.ranks_differ:
         own = {"state_dict": policy.rank_state_dict(module), "optimizer_states": optimizer_states}
         state["ranks"] = comm.gather_object(own, root=0)
@@ -48,28 +53,29 @@ def restore_rank_state(checkpoint: dict[str, Any], rank: int, world_size: int) -
 
 
 def save(io: CheckpointIO, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-    """Save ``checkpoint`` through ``io``; a local file written by Lightning's default IO is written atomically.
+    """Save ``checkpoint`` through ``io`` at ``filepath`` (the path as given: every plugin writes where it is told).
 
-    Other IO plugins (asynchronous ones, remote storage through fsspec) get the real path: they may write later or
-    elsewhere, so a rename of a temporary file cannot be theirs to follow.
+    Lightning's default IO writes a local file atomically: into a temporary file that an fsspec transaction moves
+    into place. Its temporary file is made in the checkpoint's own directory here, so that the move is a rename (a
+    move from another filesystem, such as a node-local ``/tmp``, is a copy that a crash can cut short).
     """
     path = os.fspath(filepath)
-    if type(io) is not TorchCheckpointIO or "://" in path:
-        io.save_checkpoint(checkpoint, path, storage_options=storage_options)
-        return
-    write_atomically(path, lambda tmp: io.save_checkpoint(checkpoint, tmp, storage_options=storage_options))
+    if type(io) is TorchCheckpointIO and "://" not in path:
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        with _temporary_files_in(directory):
+            io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+    else:
+        io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it: never a truncated file."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
+@contextmanager
+def _temporary_files_in(directory: str) -> Iterator[None]:
+    previous, tempfile.tempdir = tempfile.tempdir, directory
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        yield
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tempfile.tempdir = previous
 
 
 class EnsembleModel(Module):

@@ -24,6 +24,7 @@ from typing_extensions import override
 
 from lightning_mpi import _lightning
 from lightning_mpi import checkpoint as ckpt
+from lightning_mpi._autograd import during_next_backward
 from lightning_mpi.batching import TensorBatches
 from lightning_mpi.buffers import DEFAULT_BUCKET_MB
 from lightning_mpi.checks import check_launch, check_replicas_match
@@ -327,25 +328,22 @@ class MPIStrategy(ParallelStrategy):
         return super().training_step(*args, **kwargs)
 
     @override
-    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
-        # Reduce between the precision plugin's backward and post_backward so that on_after_backward, gradient
-        # clipping and AMP unscaling all see averaged gradients.
+    def pre_backward(self, closure_loss: Tensor) -> None:
+        """Before every backward through the strategy. A synchronised backward ends with the policy's reduction,
+        inside autograd (as DDP's), so that ``on_after_backward``, gradient clipping and AMP unscaling all see
+        averaged gradients; the policy's loss scale spares that reduction a division."""
         module, uneven = self.lightning_module, self._uneven
         assert module is not None and uneven is not None
-        self.pre_backward(closure_loss)
-        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         self._policy.before_backward(module)
         uneven.count_backward()
-        if not uneven.joined:  # the policy's loss scale spares its gradient reduction a division
-            scale = self._policy.loss_scale
-            scaled = closure_loss * scale if scale != 1.0 else closure_loss
-            self.precision_plugin.backward(scaled, module, optimizer, *args, **kwargs)
-        if self._sync_gradients:
-            self._policy.after_backward(module, weight=uneven.gradient_weight())
-            self._nonfinite.check(self._policy, module)
-        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
-        self.post_backward(closure_loss)
-        return closure_loss
+        synchronise = self._synchronise_gradients if self._sync_gradients else None
+        during_next_backward(closure_loss, self._policy.loss_scale, synchronise)
+
+    def _synchronise_gradients(self) -> None:
+        module, uneven = self.lightning_module, self._uneven
+        assert module is not None and uneven is not None
+        self._policy.after_backward(module, weight=uneven.gradient_weight())
+        self._nonfinite.check(self._policy, module)
 
     @override
     def optimizer_step(
@@ -416,7 +414,8 @@ class MPIStrategy(ParallelStrategy):
         assert self.lightning_module is not None
         extra = ckpt.strategy_state(self._policy, self.comm, self.lightning_module, checkpoint.get("optimizer_states", []))
         if self.is_global_zero:  # a new dict: callbacks' on_save_checkpoint saw the dict they were given
-            ckpt.save(self.checkpoint_io, {**checkpoint, "lightning_mpi": extra}, filepath, storage_options)
+            ckpt.save(self.checkpoint_io, {**checkpoint, "lightning_mpi": extra} if extra else checkpoint, filepath,
+                      storage_options)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:

@@ -9,8 +9,9 @@ from functools import partial
 from unittest.mock import Mock
 
 import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.overrides.distributed import DistributedSamplerWrapper, _IndexBatchSamplerWrapper
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper, _IndexBatchSamplerWrapper
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
@@ -43,7 +44,8 @@ def test_cached_predictions_are_the_predict_loops_per_dataloader_lists():
 
 def test_samplers_inside_lightnings_wrappers():
     inner = SequentialSampler(range(5))
-    assert _lightning.sampler_inside_wrapper(DistributedSamplerWrapper(inner, num_replicas=1, rank=0)) is inner
+    for wrapper_class in (DistributedSamplerWrapper, UnrepeatedDistributedSamplerWrapper):
+        assert _lightning.sampler_inside_wrapper(wrapper_class(inner, num_replicas=1, rank=0)) is inner
     assert _lightning.sampler_inside_wrapper(inner) is None
     batches = BatchSampler(inner, batch_size=2, drop_last=False)
     wrapper = _IndexBatchSamplerWrapper(batches)

@@ -4,13 +4,12 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_mpi import MPIStrategy
 from lightning_mpi.comm import world
-from tests.scenarios.common import BATCH, build, quiet_trainer, regression_data
+from tests.scenarios.common import BATCH, build, quiet_trainer, regression_data, save_rank_results
 
 
 def fit(epochs: int, ckpt_dir: Path | None = None, resume: Path | None = None, sync: str = "allreduce"):
@@ -27,14 +26,15 @@ def fit(epochs: int, ckpt_dir: Path | None = None, resume: Path | None = None, s
 
 
 def main(out: Path) -> None:
-    rank = world().rank
     for sync in ("allreduce", "average"):
         full, _ = fit(3, sync=sync)
         ckpt_dir = out / f"ckpt-{sync}"
         fit(2, ckpt_dir=ckpt_dir, sync=sync)
         files = sorted(os.listdir(ckpt_dir))
         resumed, trainer = fit(3, resume=ckpt_dir / "last.ckpt", sync=sync)
-        torch.save(
+        save_rank_results(
+            out,
+            sync,
             {
                 "full": full.state_dict(),
                 "resumed": resumed.state_dict(),
@@ -42,7 +42,6 @@ def main(out: Path) -> None:
                 "epoch": trainer.current_epoch,
                 "policy": trainer.strategy.policy.state_dict(),
             },
-            out / f"{sync}.rank{rank}.pt",
         )
 
 

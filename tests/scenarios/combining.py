@@ -10,7 +10,15 @@ from torch.utils.data import DataLoader
 from lightning_mpi import MPIStrategy
 from lightning_mpi.comm import world
 from lightning_mpi.voting import hard_vote_scores
-from tests.scenarios.common import BATCH, DigitClassifier, build, digits_data, quiet_trainer, regression_data
+from tests.scenarios.common import (
+    BATCH,
+    DigitClassifier,
+    build,
+    digits_data,
+    quiet_trainer,
+    regression_data,
+    save_rank_results,
+)
 
 
 class GatherLocalModels(Callback):
@@ -46,7 +54,7 @@ def averaging(out: Path) -> None:
     results["one_shot"] = model.state_dict()
     results["one_shot_members"] = gather.members
     results["bytes_per_epoch"] = strategy.bytes_per_epoch
-    torch.save(results, out / f"averaging.rank{comm.rank}.pt")
+    save_rank_results(out, "averaging", results)
 
 
 def ensemble(out: Path) -> None:
@@ -69,9 +77,10 @@ def ensemble(out: Path) -> None:
     member_acc = [(m.argmax(-1) == test.tensors[1]).float().mean().item() for m in members]
     path = out / "ensemble.ckpt"
     trainer.save_checkpoint(path)
-    torch.save(
+    save_rank_results(
+        out,
+        "ensemble",
         {
-            "world": comm.size,
             "state": model.state_dict(),
             "predictions": predictions,
             "local_vote": hard_vote_scores(members),
@@ -79,7 +88,6 @@ def ensemble(out: Path) -> None:
             "counts": (tested["test_seen"], tested["test_logged_count"]),
             "member_acc": member_acc,
         },
-        out / f"ensemble.rank{comm.rank}.pt",
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule, Trainer, seed_everything
@@ -11,6 +12,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 FEATURES = 6
+
+
+def save_rank_results(out: Path, name: str, result: dict) -> None:
+    """What this rank saves for the test (read back with ``tests.mpirun.Launch.results``), with the world size."""
+    from lightning_mpi.comm import world
+
+    comm = world()
+    torch.save({"world": comm.size, **result}, Path(out) / f"{name}.rank{comm.rank}.pt")
 
 
 def regression_data(n: int, dtype: torch.dtype = torch.float32, seed: int = 1) -> TensorDataset:

@@ -8,7 +8,16 @@ from torch.utils.data import DataLoader
 
 from lightning_mpi import MPIStrategy
 from lightning_mpi.comm import world
-from tests.scenarios.common import BATCH, CASES, STEPS, build, quiet_trainer, regression_data, samples_needed
+from tests.scenarios.common import (
+    BATCH,
+    CASES,
+    STEPS,
+    build,
+    quiet_trainer,
+    regression_data,
+    samples_needed,
+    save_rank_results,
+)
 
 
 def main(out: Path) -> None:
@@ -23,9 +32,10 @@ def main(out: Path) -> None:
         trainer = quiet_trainer(strategy=MPIStrategy(), max_steps=STEPS, **trainer_kwargs)
         trainer.fit(model, DataLoader(data, batch_size=BATCH, shuffle=True))
         gathered = trainer.strategy.all_gather(torch.tensor([comm.rank, 7]))
-        torch.save(
+        save_rank_results(
+            out,
+            case,
             {
-                "world": comm.size,
                 "state": model.state_dict(),
                 "unused_grad_is_none": model.unused.grad is None,
                 "rank_mean": trainer.callback_metrics["rank_mean"].item(),
@@ -33,7 +43,6 @@ def main(out: Path) -> None:
                 "all_gather": gathered,
                 "global_step": trainer.global_step,
             },
-            out / f"{case}.rank{comm.rank}.pt",
         )
 
 

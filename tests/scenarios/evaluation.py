@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mpi import MPIStrategy
 from lightning_mpi.comm import world
-from tests.scenarios.common import quiet_trainer
+from tests.scenarios.common import quiet_trainer, save_rank_results
 
 SAMPLES = 101  # prime: never divisible by the number of ranks
 CLASSES = 4
@@ -84,10 +84,7 @@ def metrics(out: Path) -> None:
     loader = DataLoader(dataset(), batch_size=batch_size(comm.size))
     logged = trainer.validate(model, loader, verbose=False)[0]
     predictions = torch.cat(trainer.predict(model, loader))
-    torch.save(
-        {"world": comm.size, "logged": logged, "errors": model.all_errors, "predictions": predictions},
-        out / f"metrics.rank{comm.rank}.pt",
-    )
+    save_rank_results(out, "metrics", {"logged": logged, "errors": model.all_errors, "predictions": predictions})
 
 
 class RankPlateau(LightningModule):
@@ -114,7 +111,7 @@ def early_stopping(out: Path) -> None:
     trainer = quiet_trainer(strategy=MPIStrategy(), max_epochs=20, callbacks=[stop], limit_val_batches=None)
     loader = DataLoader(dataset(), batch_size=batch_size(comm.size))
     trainer.fit(RankPlateau(), loader, loader)
-    torch.save({"epoch": trainer.current_epoch}, out / f"early.rank{comm.rank}.pt")
+    save_rank_results(out, "early", {"epoch": trainer.current_epoch})
 
 
 class Terminated(RankPlateau):
@@ -142,10 +139,7 @@ def sigterm(out: Path) -> None:
     comm.barrier()
     resumed = quiet_trainer(strategy=MPIStrategy(), max_epochs=3)
     resumed.fit(RankPlateau(), loader, ckpt_path=out / "sigterm" / "last.ckpt")
-    torch.save(
-        {"stopped_at": stopped_at, "saved": saved, "resumed_epoch": resumed.current_epoch},
-        out / f"sigterm.rank{comm.rank}.pt",
-    )
+    save_rank_results(out, "sigterm", {"stopped_at": stopped_at, "saved": saved, "resumed_epoch": resumed.current_epoch})
 
 
 if __name__ == "__main__":

@@ -29,12 +29,8 @@ from tests.scenarios.common import (
     digits_data,
     quiet_trainer,
     regression_data,
+    save_rank_results,
 )
-
-
-def save(out: Path, name: str, result: dict[str, Any]) -> None:
-    comm = world()
-    torch.save({"world": comm.size, **result}, out / f"{name}.rank{comm.rank}.pt")
 
 
 def gathered_max_diff(state: dict[str, torch.Tensor]) -> float:
@@ -77,7 +73,7 @@ def batchnorm_vs_ddp(out: Path) -> None:
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
     spread = gathered_max_diff(ours)
     model, trainer = _fit_batchnorm(DDPStrategy(process_group_backend="gloo"), devices=comm.size)
-    save(out, "batchnorm_vs_ddp", {
+    save_rank_results(out, "batchnorm_vs_ddp", {
         "ours": ours, "ddp": model.state_dict(), "logged": logged,
         "ddp_logged": {k: float(v) for k, v in trainer.callback_metrics.items()}, "spread": spread,
     })
@@ -130,7 +126,7 @@ def averaging_checkpoints(out: Path) -> None:
     checkpoint = directory / "epoch=1-step=12.ckpt"
     full, _ = _fit_averaging(None, epochs=4, check_val_every_n_epoch=2)
     resumed, trainer = _fit_averaging(None, epochs=4, resume=checkpoint, check_val_every_n_epoch=2)
-    save(out, "averaging_checkpoints", {
+    save_rank_results(out, "averaging_checkpoints", {
         "tested": tested["test_loss"], "expected": expected, "full": full.state_dict(),
         "resumed": resumed.state_dict(), "epoch": trainer.current_epoch,
     })
@@ -197,7 +193,7 @@ def ensemble_paths(out: Path) -> None:
     combined = trainer.predict(structured, test)
     with torch.no_grad():
         own = structured(regression_data(20, seed=3).tensors[0])
-    save(out, "ensemble_paths", {
+    save_rank_results(out, "ensemble_paths", {
         "refusal": refusal, "medians": medians, "members": members, "after_first": after_first,
         "second_start": record.weights, "combined": combined, "own": own,
         "member_outputs": trainer.strategy.member_outputs,
@@ -252,7 +248,7 @@ def evaluation_paths(out: Path) -> None:
     stream = StepCollectives()
     streamed = quiet_trainer(strategy=MPIStrategy(timeout=30), limit_val_batches=None).validate(
         stream, DataLoader(RankShardedStream(regression_data(10)), batch_size=2), verbose=False)[0]
-    save(out, "evaluation_paths", {"logged": logged, "batches": batches, "streamed": streamed,
+    save_rank_results(out, "evaluation_paths", {"logged": logged, "batches": batches, "streamed": streamed,
                                    "stream_seen": sum(comm.allgather_object(stream.seen))})
 
 
@@ -292,7 +288,7 @@ def exceptions_everywhere(out: Path) -> None:
     # The job goes on: another fit on every rank works.
     again = quiet_trainer(strategy=MPIStrategy(), max_steps=2)
     again.fit(Regressor(), DataLoader(regression_data(8 * BATCH * comm.size), batch_size=BATCH))
-    save(out, "exceptions_everywhere", {"caught": caught, "seen": seen.seen, "files": files,
+    save_rank_results(out, "exceptions_everywhere", {"caught": caught, "seen": seen.seen, "files": files,
                                         "steps_after": again.global_step})
 
 
@@ -317,7 +313,7 @@ def checkpoint_io(out: Path) -> None:
     comm.barrier()
     files = sorted(p.name for p in directory.iterdir())
     loaded = torch.load(directory / files[-1], weights_only=True)["state_dict"] if files else {}
-    save(out, "checkpoint_io", {"files": files, "loaded": loaded, "model": model.state_dict(),
+    save_rank_results(out, "checkpoint_io", {"files": files, "loaded": loaded, "model": model.state_dict(),
                                 "keys_seen": sorted(keeper.checkpoint)})
 
 
@@ -374,7 +370,7 @@ def lazy_and_sparse(out: Path) -> None:
     sparse = SparseEmbedding()
     data = token_data(SPARSE_STEPS * BATCH * comm.size)
     quiet_trainer(strategy=MPIStrategy(), max_steps=SPARSE_STEPS).fit(sparse, DataLoader(data, batch_size=BATCH))
-    save(out, "lazy_and_sparse", {"lazy": lazy.state_dict(), "lazy_spread": gathered_max_diff(lazy.state_dict()),
+    save_rank_results(out, "lazy_and_sparse", {"lazy": lazy.state_dict(), "lazy_spread": gathered_max_diff(lazy.state_dict()),
                                   "sparse": sparse.state_dict(), "sparse_seen": sparse.sparse_seen})
 
 
@@ -451,7 +447,7 @@ def uneven_inputs(out: Path) -> None:
     results["average_spread"] = gathered_max_diff(averaged.state_dict())
     results["step_collective"] = _refusal(StepLogger(), DataLoader(shard, batch_size=BATCH))
     results["manual"] = _refusal(Regressor(manual=True), DataLoader(shard, batch_size=BATCH))
-    save(out, "uneven_inputs", results)
+    save_rank_results(out, "uneven_inputs", results)
 
 
 SCENARIOS = {
