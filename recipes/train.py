@@ -79,7 +79,7 @@ def _result(
     cfg: DictConfig, ranks: int, data: Any, model: Any, logged: dict[str, float], forecast: np.ndarray,
     fit_seconds: float,
 ) -> dict[str, Any]:
-    from forecasting.data import mae, rmse
+    from forecasting.data import errors
 
     _, target = data.test_windows()
     strategy = OmegaConf.select(cfg, "strategy.sync") or "single"
@@ -93,7 +93,7 @@ def _result(
         "train_windows": int(data.split),
         "test_windows": len(target),
         "metrics": {"rmse": float(logged["test/rmse"]), "mae": float(logged["test/mae"])},
-        "forecast_metrics": {"rmse": rmse(forecast, target), "mae": mae(forecast, target)},
+        "forecast_metrics": errors(forecast, target),
         "baselines": data.baselines(),
         "scaler": {"transform": data.transform.kind, "kind": data.scaler_kind, "offset": data.transform.offset,
                    "scale": data.transform.scale},

@@ -341,12 +341,16 @@ def seasonal_naive(x: np.ndarray, horizon: int, period: int = 7) -> np.ndarray:
     return x[:, x.shape[1] - period + (np.arange(horizon) % period)]
 
 
-def rmse(prediction: np.ndarray, target: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((np.asarray(prediction) - np.asarray(target)) ** 2)))
+def errors(prediction: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """RMSE and MAE of a forecast in case counts (torchmetrics, in float64).
 
+    >>> errors(np.array([[1.0], [3.0]]), np.array([[2.0], [2.0]]))
+    {'rmse': 1.0, 'mae': 1.0}
+    """
+    from torchmetrics.functional import mean_absolute_error, mean_squared_error
 
-def mae(prediction: np.ndarray, target: np.ndarray) -> float:
-    return float(np.mean(np.abs(np.asarray(prediction) - np.asarray(target))))
+    p, t = torch.as_tensor(np.asarray(prediction), dtype=torch.float64), torch.as_tensor(np.asarray(target), dtype=torch.float64)
+    return {"rmse": float(mean_squared_error(p, t, squared=False)), "mae": float(mean_absolute_error(p, t))}
 
 
 # -- LightningDataModule ------------------------------------------------------------------------------------------------
@@ -452,5 +456,5 @@ class ForecastDataModule(LightningDataModule):
         x, y = self.test_windows()
         out = {}
         for name, forecast in (("persistence", persistence(x, self.horizon)), ("seasonal7", seasonal_naive(x, self.horizon))):
-            out[name] = {"rmse": rmse(forecast, y), "mae": mae(forecast, y)}
+            out[name] = errors(forecast, y)
         return out
