@@ -6,16 +6,19 @@ different run directories), and every rank writes ``.hydra/`` and appends to one
 
 - before Hydra starts, rank 0's run stamp is broadcast (or taken from ``LIGHTNING_MPI_RUN_STAMP``) and served
   by the ``${mpi_stamp:}`` resolver: use it in ``hydra.run.dir`` and ``hydra.sweep.dir``;
-- under an MPI launcher, ranks > 0 get ``hydra.output_subdir=null``, log to ``<job>.rank<r>.log`` in the same
-  job directory and print nothing to the console (Python warnings included); the overrides added for this
-  are the same strings on every rank (the rank is read by resolvers), so ``multirun.yaml`` is identical on
-  every rank;
+- the ``mpi_hydra`` config (add ``- mpi_hydra`` to the defaults list): under an MPI launcher, ranks > 0 get
+  ``hydra.output_subdir=null``, log to ``<job>.rank<r>.log`` in the same job directory and print nothing to the
+  console (Python warnings included); its values are the same strings on every rank (the rank is read by
+  resolvers), so ``multirun.yaml`` is identical on every rank;
+- the ``strategy/mpi_strategy`` config: the typed schema of :class:`~lightning_mpi.MPIStrategy`'s arguments, for an
+  application's strategy configs to extend (``defaults: [mpi_strategy]``), so that a misspelt key fails when the
+  configuration is composed;
 - multirun must pair job ``i`` across ranks, which only the basic sweeper and launcher guarantee: others are
   refused with a clear error under MPI;
 - sweeps as Slurm jobs: ``python train.py -m hydra/launcher=submitit_slurm ...`` (hydra-submitit-launcher) runs
   the sweep in this one process, which submits each job once; every job's tasks run the job under ``srun`` with
-  an MPI plugin. Chosen on the command line, the launcher gets the same per-rank overrides, resolved in each
-  task, so each job's files are still written once (resolvers are registered in the job's processes too);
+  an MPI plugin. The per-rank settings of ``mpi_hydra`` are resolved in each task, so each job's files are still
+  written once (resolvers are registered in the job's processes too);
 - a launch whose processes do not form one MPI world (``srun -n 2`` without ``--mpi``) stops before Hydra
   writes anything (see :func:`lightning_mpi.checks.check_launcher_agrees`).
 
@@ -31,9 +34,10 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from lightning_mpi.comm import launched_by_mpi, launcher_rank
 
@@ -45,11 +49,44 @@ _BASIC = {
 # hydra-submitit-launcher's launcher and the variable submitit's batch script exports before it runs srun.
 _SUBMITIT_SLURM = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 _SUBMITIT_VARIABLE = "SUBMITIT_EXECUTOR"
-_RANK_OVERRIDES = (
-    "hydra.output_subdir=${mpi_rank_zero_only:.hydra}",
-    "hydra.job_logging.handlers.file.filename=${hydra.runtime.output_dir}/${hydra.job.name}${mpi_rank_suffix:}.log",
-    "hydra.job_logging.root.handlers=${mpi_log_handlers:}",
-)
+#: Per-rank output settings (the ``mpi_hydra`` config): only rank 0 writes ``.hydra/`` and prints to the console.
+PER_RANK_HYDRA = {
+    "hydra": {
+        "output_subdir": "${mpi_rank_zero_only:.hydra}",
+        "job_logging": {
+            "handlers": {"file": {"filename": "${hydra.runtime.output_dir}/${hydra.job.name}${mpi_rank_suffix:}.log"}},
+            "root": {"handlers": "${mpi_log_handlers:}"},
+        },
+    }
+}
+
+
+@dataclass
+class MPIStrategyConfig:
+    """The arguments of :class:`~lightning_mpi.MPIStrategy` (the ``strategy/mpi_strategy`` schema)."""
+
+    _target_: str = "lightning_mpi.MPIStrategy"
+    sync: str = "allreduce"
+    every_n_steps: Optional[int] = None  # noqa: UP045 - OmegaConf reads Optional, not X | None, on Python 3.10
+    every_n_epochs: Optional[int] = None  # noqa: UP045
+    warmup_steps: int = 0
+    average_optimizer_state: bool = False
+    voting: Optional[str] = None  # noqa: UP045
+    seed: Optional[int] = None  # noqa: UP045
+    bucket_mb: float = 25.0
+    num_threads: Optional[int] = None  # noqa: UP045
+    timeout: Optional[float] = 600.0  # noqa: UP045
+    on_nonfinite: str = "ignore"
+    fast_tensor_batches: bool = True
+
+
+def register_configs() -> None:
+    """Store ``mpi_hydra`` and ``strategy/mpi_strategy`` in Hydra's ConfigStore (see the module documentation)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="mpi_hydra", node=PER_RANK_HYDRA, package="_global_")
+    store.store(group="strategy", name="mpi_strategy", node=MPIStrategyConfig)
 
 
 def run_stamp() -> str:
@@ -76,7 +113,7 @@ def _stamp_without_communicating() -> str:
 
 
 def register_resolvers() -> None:
-    """Register ``mpi_stamp``, ``mpi_rank``, ``mpi_rank_suffix``, ``mpi_rank_zero_only`` and ``mpi_log_handlers``.
+    """Register ``mpi_stamp``, ``mpi_rank_suffix``, ``mpi_rank_zero_only`` and ``mpi_log_handlers``.
 
     ``${mpi_stamp:}`` needs :func:`run_stamp` to have run under MPI (otherwise it takes this process's time).
     """
@@ -85,7 +122,6 @@ def register_resolvers() -> None:
     # The rank is read when a value is resolved: in a submitit job, that is in each of srun's tasks.
     resolvers: dict[str, Callable[..., Any]] = {
         "mpi_stamp": _stamp_without_communicating,
-        "mpi_rank": launcher_rank,
         "mpi_rank_suffix": lambda: f".rank{launcher_rank()}" if launcher_rank() else "",
         "mpi_rank_zero_only": lambda value: value if launcher_rank() == 0 else None,
         "mpi_log_handlers": lambda: ["console", "file"] if launcher_rank() == 0 else ["file"],
@@ -166,9 +202,15 @@ def _check_argv(argv: list[str]) -> None:
         )
 
 
-def _submits_mpi_jobs(argv: list[str]) -> bool:
-    """Whether the command line runs the sweep through submitit, whose jobs run their ranks under srun."""
-    return (_chosen(argv, "launcher") or "").startswith("submitit")
+def _check_per_rank_settings(hydra_config: Any) -> None:
+    """Refuse, under several MPI ranks, an application whose configuration lacks ``mpi_hydra``: every rank would
+    write ``.hydra/`` and append to one log file."""
+    if launcher_rank() > 0 and hydra_config.get("output_subdir") is not None:
+        raise RuntimeError(
+            "This Hydra application runs on several MPI ranks, but its configuration does not include lightning-mpi's "
+            "per-rank output settings: add `- mpi_hydra` to the defaults list of its primary config (every rank would "
+            "otherwise write .hydra/ and the same log file)."
+        )
 
 
 def _check_launch(in_task: bool) -> None:
@@ -205,6 +247,7 @@ def mpi_hydra_main(
             on_load()
             hydra_config = HydraConfig.get()
             check_sweep_plugins(hydra_config)
+            _check_per_rank_settings(hydra_config)
             if in_submitit_slurm_job(hydra_config):
                 _check_launch(in_task=True)
             if launcher_rank() > 0:
@@ -220,9 +263,8 @@ def mpi_hydra_main(
                 _check_argv(sys.argv[1:])
                 run_stamp()  # the only collective, before Hydra resolves anything
             _check_launch(in_task=False)
-            if mpi or _submits_mpi_jobs(sys.argv[1:]):
-                sys.argv.extend(_RANK_OVERRIDES)
             register_resolvers()
+            register_configs()
             return main()
 
         return entry

@@ -20,6 +20,8 @@ import torch
 from classification.data import ClassificationDataModule, stratified_folds, stratified_split
 from classify_report import plot_confusion_matrix
 from hydra.utils import instantiate
+from hydra_configs import Mode
+from hydra_configs import register as register_configs
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.strategies import Strategy
 from omegaconf import DictConfig, OmegaConf
@@ -30,6 +32,8 @@ from lightning_mpi.comm import Communicator, world
 from lightning_mpi.hydra import check_strategy_fits_job, job_output_dir, mpi_hydra_main, write_json_atomically
 from lightning_mpi.threads import choose_threads
 
+register_configs()  # the schemas and shared settings conf/ refers to
+
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate as ``cfg.mode`` says (``"train"`` or ``"kfold"``); return the result on every rank
@@ -38,14 +42,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     Rank 0 also writes it, with the confusion matrix, to ``cfg.output_dir`` (default: Hydra's run directory).
     """
     start = time.perf_counter()
-    if cfg.mode == "train":
-        result = _train(cfg)
-    elif cfg.mode == "kfold":
-        result = _kfold(cfg)
-    else:
-        raise ValueError(f"mode={cfg.mode!r} is not known: choose 'train' or 'kfold'.")
+    result = _kfold(cfg) if cfg.mode == Mode.kfold else _train(cfg)  # the schema admits only these two
     result["wall_time_s"] = time.perf_counter() - start
-    result["config"] = OmegaConf.to_container(cfg, resolve=True)
+    result["config"] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if world().rank == 0:
         _write(result, job_output_dir(cfg))
     return result
@@ -225,7 +224,7 @@ def _write(result: dict[str, Any], out: Path) -> None:
     plot_confusion_matrix(result["confusion_matrix"], out / "confusion_matrix.png", title)
 
 
-@mpi_hydra_main(config_path="../conf", config_name="classify")
+@mpi_hydra_main(config_path="../conf/classification", config_name="config")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

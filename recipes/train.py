@@ -20,9 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra_configs import register as register_configs
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_mpi.hydra import check_strategy_fits_job, job_output_dir, mpi_hydra_main, write_json_atomically
+
+register_configs()  # the schemas and shared settings conf/ refers to
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -98,7 +101,7 @@ def _result(
         "scaler": {"transform": data.transform.kind, "kind": data.scaler_kind, "offset": data.transform.offset,
                    "scale": data.transform.scale},
         "fit_seconds": fit_seconds,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
     }
 
 
@@ -128,7 +131,7 @@ def plot_forecast(path: Path, data: Any, forecast: np.ndarray, result: dict[str,
     os.replace(tmp, path)
 
 
-@mpi_hydra_main(config_path="../conf", config_name="config")
+@mpi_hydra_main(config_path="../conf/forecasting", config_name="config")
 def main(cfg: DictConfig) -> None:
     result = run(cfg)
     base = result["baselines"]

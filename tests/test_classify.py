@@ -9,25 +9,45 @@ from typing import Any
 import classify
 import classify_report
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
+from hydra_configs import Mode
 from omegaconf import DictConfig
 
 from tests.mpirun import ROOT, check, run_mpi
 
 
 def _compose(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="classify", overrides=list(overrides))
+    with initialize_config_dir(config_dir=str(ROOT / "conf" / "classification"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
 
 
-def test_default_config_is_the_mnist_cnn_ensemble() -> None:
+def test_default_config_is_the_cnn_ensemble_on_the_embedded_digits() -> None:
     cfg = _compose()
-    assert cfg.mode == "train" and cfg.data.name == "mnist"
-    assert (cfg.data.train_size, cfg.data.test_size) == (8000, 2000)
+    assert cfg.mode == Mode.train and cfg.data.name == "digits"
     assert cfg.strategy.sync == "ensemble" and cfg.strategy.voting == "hard"
     model = instantiate(cfg.model)
     assert sum(p.numel() for p in model.parameters()) == 93_322
+    assert isinstance(model.configure_optimizers(), torch.optim.Adam)
+
+
+def test_the_study_experiments_read_mnist() -> None:
+    for experiment in ("ensemble_table", "kfold"):
+        cfg = _compose(f"experiment={experiment}")
+        assert cfg.data.name == "mnist" and (cfg.data.train_size, cfg.data.test_size) == (8000, 2000)
+
+
+def test_a_forecasting_option_or_a_wrong_type_fails_at_composition() -> None:
+    with pytest.raises(MissingConfigException, match="Available options in 'model':\n\tcnn\n\tmlp"):
+        _compose("model=lstm")
+    with pytest.raises(MissingConfigException, match="Available options in 'data'"):
+        _compose("data=tennessee")
+    with pytest.raises(ConfigCompositionException, match="max_epochs"):
+        _compose("trainer.max_epochs=abc")
+    with pytest.raises(ConfigCompositionException, match="mode"):
+        _compose("mode=folds")
 
 
 @pytest.mark.parametrize(
@@ -35,9 +55,9 @@ def test_default_config_is_the_mnist_cnn_ensemble() -> None:
     [
         ("ensemble_table", {"strategy.sync": "ensemble", "model._target_": "classification.models.CNNClassifier"}),
         ("mlp_speedup", {"strategy.sync": "allreduce", "data.name": "synthetic", "model.in_features": 64}),
-        ("kfold", {"mode": "kfold", "kfold.folds": 10, "model.lr": 0.099, "model.optimizer": "sgd",
-                   "data.batch_size": 1024, "trainer.max_epochs": 20}),
-        ("fashion_mlp", {"strategy.sync": "allreduce", "model.activation": "sigmoid", "model.lr": 0.01,
+        ("kfold", {"mode": Mode.kfold, "kfold.folds": 10, "model.optimizer.lr": 0.099,
+                   "model.optimizer._target_": "torch.optim.SGD", "data.batch_size": 1024, "trainer.max_epochs": 20}),
+        ("fashion_mlp", {"strategy.sync": "allreduce", "model.activation": "sigmoid", "model.optimizer.lr": 0.01,
                          "data.name": "fashion_mnist", "model.in_features": 784}),
     ],
 )  # fmt: skip
@@ -60,7 +80,7 @@ def test_mlp_follows_the_data_set() -> None:
 def test_kfold_in_one_process(tmp_path: Path) -> None:
     cfg = _compose(
         "experiment=kfold", "data=digits", "kfold.folds=2", "trainer.max_epochs=1", "data.batch_size=64",
-        "model.lr=0.05", f"output_dir={tmp_path}",
+        "model.optimizer.lr=0.05", f"output_dir={tmp_path}",
     )  # fmt: skip
     result = classify.run(cfg)
     assert [f["fold"] for f in result["fold_scores"]] == [0, 1]

@@ -10,7 +10,7 @@ import report
 import train
 from forecasting.data import ForecastDataModule
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,7 +22,7 @@ TENNESSEE = ROOT.parent / "shared" / "data" / "tennessee-covid19-nyt.csv"
 
 
 def config(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "conf" / "forecasting"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 
@@ -46,14 +46,23 @@ def test_strategies_instantiate_as_documented() -> None:
     assert isinstance(average, MPIStrategy) and average.policy.name == "average"
     assert average.policy.every_n_steps is None and average.policy.every_n_epochs is None
     assert instantiate(config("strategy=allreduce").strategy).policy.name == "allreduce"
-    assert instantiate(config("strategy=ensemble", "strategy.voting=mean").strategy).policy.voting == "mean"
+    assert instantiate(config("strategy=ensemble").strategy).policy.voting == "mean"  # forecasts are averaged
 
 
 def test_a_config_key_that_does_not_exist_is_refused() -> None:
     with pytest.raises(ConfigCompositionException, match="hiden_size"):
         config("model.hiden_size=10")
-    with pytest.raises(ConfigCompositionException, match="nosuchmodel"):
-        config("model=nosuchmodel")
+    with pytest.raises(ConfigCompositionException, match="every_n_step"):
+        config("strategy=average", "strategy.every_n_step=8")  # the MPIStrategy schema: a misspelt argument
+
+
+def test_a_classification_option_fails_at_composition_naming_the_choices() -> None:
+    with pytest.raises(MissingConfigException, match="Available options in 'model':\n\tbilstm\n\tgru\n\tlstm"):
+        config("model=cnn")
+    with pytest.raises(MissingConfigException, match="Available options in 'data':\n\tsir\n\ttennessee"):
+        config("data=mnist")
+    with pytest.raises(ConfigCompositionException, match="max_epochs"):
+        config("trainer.max_epochs=abc")
 
 
 def test_one_process_run_writes_result_and_plot(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ logs each member's accuracy as ``test/member_{i}/acc``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -58,26 +59,24 @@ def mlp(in_features: int, hidden_sizes: Sequence[int], num_classes: int, activat
     return nn.Sequential(*layers)
 
 
+#: Makes the optimizer of a model's parameters (Hydra: ``_target_`` and ``_partial_: true``).
+OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
+
+
 class Classifier(LightningModule):
     """Cross-entropy classifier around ``self.net``; subclasses build the network.
 
     Args:
         num_classes: classes of the task.
-        lr: learning rate.
-        optimizer: ``"adam"`` or ``"sgd"``.
-        momentum: momentum of SGD.
+        optimizer: makes the optimizer, e.g. ``functools.partial(torch.optim.SGD, lr=0.1)`` (default: Adam, 1e-3).
     """
 
     net: nn.Module
 
-    def __init__(self, num_classes: int = 10, lr: float = 1e-3, optimizer: str = "adam", momentum: float = 0.0) -> None:
+    def __init__(self, num_classes: int = 10, optimizer: OptimizerFactory | None = None) -> None:
         super().__init__()
-        if optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer={optimizer!r} is not known: choose 'adam' or 'sgd'.")
         self.num_classes = num_classes
-        self.lr = lr
-        self.optimizer_name = optimizer
-        self.momentum = momentum
+        self.optimizer_factory = optimizer or functools.partial(torch.optim.Adam, lr=1e-3)
         self.train_acc, self.test_metrics = _metrics(num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -126,9 +125,7 @@ class Classifier(LightningModule):
         return members if members is not None else logits.detach().unsqueeze(0)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer_name == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return self.optimizer_factory(self.parameters())
 
 
 def _metrics(num_classes: int) -> tuple[Any, Any]:
@@ -155,11 +152,9 @@ def _metrics(num_classes: int) -> tuple[Any, Any]:
 class CNNClassifier(Classifier):
     """The study's MNIST CNN (:func:`study_cnn`), Adam and cross-entropy by default."""
 
-    def __init__(
-        self, in_channels: int = 1, num_classes: int = 10, lr: float = 1e-3, optimizer: str = "adam", momentum: float = 0.0
-    ) -> None:
-        super().__init__(num_classes, lr, optimizer, momentum)
-        self.save_hyperparameters()
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, optimizer: OptimizerFactory | None = None) -> None:
+        super().__init__(num_classes, optimizer)
+        self.save_hyperparameters(ignore=["optimizer"])  # checkpoints stay plain data: weights-only loadable
         self.net = study_cnn(in_channels, num_classes)
 
 
@@ -172,10 +167,8 @@ class MLPClassifier(Classifier):
         hidden_sizes: Sequence[int] = (128, 64),
         activation: str = "relu",
         num_classes: int = 10,
-        lr: float = 1e-3,
-        optimizer: str = "adam",
-        momentum: float = 0.0,
+        optimizer: OptimizerFactory | None = None,
     ) -> None:
-        super().__init__(num_classes, lr, optimizer, momentum)
-        self.save_hyperparameters()
+        super().__init__(num_classes, optimizer)
+        self.save_hyperparameters(ignore=["optimizer"])
         self.net = mlp(in_features, list(hidden_sizes), num_classes, activation)

@@ -8,6 +8,8 @@ cover all ranks; ``predict`` returns forecasts in case counts, in time order.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -26,8 +28,7 @@ class RecurrentForecaster(LightningModule):
     Args:
         window, horizon: days in, days out.
         hidden_size, num_layers, dropout: of the recurrent stack (dropout between layers only).
-        lr: Adam learning rate.
-        batch_size: the training batch size this model is meant for (the data module reads it from the config).
+        optimizer: makes the optimizer, e.g. ``functools.partial(torch.optim.Adam, lr=1e-3)`` (the default).
         transform: maps outputs back to case counts; required for test and predict, not for training.
     """
 
@@ -41,12 +42,12 @@ class RecurrentForecaster(LightningModule):
         hidden_size: int = 50,
         num_layers: int = 1,
         dropout: float = 0.0,
-        lr: float = 1e-3,
-        batch_size: int = 128,
+        optimizer: Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer] | None = None,
         transform: WindowTransform | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["transform"])
+        self.save_hyperparameters(ignore=["transform", "optimizer"])
+        self.optimizer_factory = optimizer or functools.partial(torch.optim.Adam, lr=1e-3)
         self.rnn = self.cell(
             1, hidden_size, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0,
             bidirectional=self.bidirectional,
@@ -91,7 +92,7 @@ class RecurrentForecaster(LightningModule):
         return self.forecast(batch)
 
     def configure_optimizers(self) -> Any:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return self.optimizer_factory(self.parameters())
 
 
 class LSTMForecaster(RecurrentForecaster):

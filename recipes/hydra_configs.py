@@ -1,0 +1,100 @@
+"""The recipes' configuration schemas, stored in Hydra's ConfigStore (see conf/forecasting and conf/classification).
+
+Each recipe composes its own config tree, so a group option of the other recipe (``train.py model=cnn``) is
+refused when the configuration is composed, with the valid choices. The schemas type the top-level keys and the
+Trainer's, so ``trainer.max_epochs=abc`` or a misspelt key fails there too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+from lightning_mpi.hydra import register_configs
+
+
+@dataclass
+class TrainerConfig:
+    """Keyword arguments of ``lightning.pytorch.Trainer`` (the recipes add strategy, logger and callbacks)."""
+
+    accelerator: str = "cpu"
+    devices: int = 1
+    max_epochs: int = 100
+    enable_progress_bar: bool = True  # rank 0 only under MPI
+    log_every_n_steps: int = 50
+    num_sanity_val_steps: int = 0
+    limit_train_batches: Optional[float] = None  # noqa: UP045 - OmegaConf reads Optional, not X | None, on Python 3.10
+    gradient_clip_val: Optional[float] = None  # noqa: UP045
+
+
+@dataclass
+class ForecastingConfig:
+    """recipes/train.py: forecasting daily case counts."""
+
+    name: str = "forecast"
+    seed: int = 0
+    # torch threads of a one-process run: these small recurrent nets run fastest on one (2 threads were 15x slower on
+    # a busy 2-core machine); MPIStrategy chooses its own
+    threads: Optional[int] = 1  # noqa: UP045
+    output_dir: Optional[str] = None  # noqa: UP045 - None: Hydra's run directory (the job's directory in a sweep)
+    plot: bool = True  # rank 0 writes forecast.png next to result.json
+    model: Any = MISSING
+    data: Any = MISSING
+    strategy: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+class Mode(Enum):
+    train = "train"  # one model or ensemble trained by all ranks
+    kfold = "kfold"  # folds dealt to the ranks
+
+
+@dataclass
+class KFoldConfig:
+    folds: int = 10
+
+
+@dataclass
+class ClassificationConfig:
+    """recipes/classify.py: CNN ensembles, data-parallel MLPs, parallel k-fold."""
+
+    name: str = "classify"
+    mode: Mode = Mode.train
+    seed: int = 0
+    output_dir: Optional[str] = None  # noqa: UP045 - None: Hydra's run directory
+    kfold: KFoldConfig = field(default_factory=KFoldConfig)
+    model: Any = MISSING
+    data: Any = MISSING
+    strategy: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+#: Where a run and a sweep write (one directory per job, shared by all ranks: ``${mpi_stamp:}``).
+OUTPUT_DIRS = {
+    "hydra": {
+        "run": {"dir": "outputs/${name}/${mpi_stamp:}"},
+        "sweep": {"dir": "multirun/${name}/${mpi_stamp:}", "subdir": "${hydra.job.num}_${hydra.job.override_dirname}"},
+        "job": {
+            "config": {
+                "override_dirname": {
+                    "exclude_keys": ["experiment", "data.path", "output_dir", "hydra.sweep.dir", "hydra.run.dir"]
+                }
+            }
+        },
+    }
+}
+
+
+def register() -> None:
+    """Store the schemas, the Trainer's ``trainer/default`` and ``output_dirs`` (plus lightning-mpi's configs)."""
+    from hydra.core.config_store import ConfigStore
+
+    register_configs()
+    store = ConfigStore.instance()
+    store.store(name="forecasting_schema", node=ForecastingConfig)
+    store.store(name="classification_schema", node=ClassificationConfig)
+    store.store(group="trainer", name="default", node=TrainerConfig)
+    store.store(name="output_dirs", node=OUTPUT_DIRS, package="_global_")
