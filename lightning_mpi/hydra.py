@@ -28,11 +28,9 @@ Resolvers only read values fixed before Hydra started: they never communicate.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -282,14 +280,6 @@ def job_output_dir(cfg: Any) -> Path:
         path = Path(HydraConfig.get().runtime.output_dir)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    """Readers see the old file or the complete new one, never a partial write."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def check_strategy_fits_job(strategy: object, ranks: int) -> None:

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lightning_mpi.files import save_figure
+
 WORKLOADS = {
     # name: (samples, per-rank batch, timed epochs); sizes of the recipes (752 LSTM windows, 3,200 CNN images).
     # The recurrent epochs are a few steps long: many of them make the median stable.
@@ -380,7 +382,7 @@ def _plots(results: dict[int, dict[str, Any]], out: Path) -> None:
     axes[0][0].legend(fontsize=7)
     axes[1][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "epoch_time.png", dpi=120)
+    save_figure(fig, out / "epoch_time.png", dpi=120)
     plt.close(fig)
     micro = results[ranks[-1]].get("allreduce")
     if micro:
@@ -390,7 +392,7 @@ def _plots(results: dict[int, dict[str, Any]], out: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="KB", ylabel="µs per allreduce", title=f"{ranks[-1]} ranks")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / "allreduce.png", dpi=120)
+        save_figure(fig, out / "allreduce.png", dpi=120)
         plt.close(fig)
 
 

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from lightning_mpi import MPIStrategy, hard_vote
 from lightning_mpi.comm import Communicator, world
-from lightning_mpi.hydra import check_strategy_fits_job, job_output_dir, mpi_hydra_main, write_json_atomically
+from lightning_mpi.files import write_json
+from lightning_mpi.hydra import check_strategy_fits_job, job_output_dir, mpi_hydra_main
 from lightning_mpi.threads import choose_threads
 
 register_configs()  # the schemas and shared settings conf/ refers to
@@ -219,7 +220,7 @@ def confusion(predicted: Tensor, target: Tensor, num_classes: int) -> Tensor:
 
 
 def _write(result: dict[str, Any], out: Path) -> None:
-    write_json_atomically(out / "result.json", result)
+    write_json(out / "result.json", result)
     title = f"{result['experiment']} on {result['data']}, {result['ranks']} rank(s): accuracy {result['metrics']['acc']:.4f}"
     plot_confusion_matrix(result["confusion_matrix"], out / "confusion_matrix.png", title)
 

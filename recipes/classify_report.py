@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_mpi.files import save_figure
+
 Result = dict[str, Any]
 
 
@@ -122,7 +124,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], path: Path, title: st
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted class", ylabel="true class", title=title)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -142,7 +144,7 @@ def plot_scaling(runs: Sequence[Result], path: Path, title: str) -> None:
     right.set(xlabel="ranks", ylabel="efficiency", title="efficiency", xticks=ranks, ylim=(0, 1.1))
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -158,7 +160,7 @@ def plot_accuracy(runs: Sequence[Result], path: Path, title: str) -> None:
     ax.set(xlabel="ranks", ylabel="test accuracy (%)", title=title, xticks=ranks)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lightning_mpi.files import save_figure
+
 MODELS = ("LSTM", "BiLSTM", "GRU")
 
 
@@ -87,7 +89,7 @@ def bar_chart(results: list[dict[str, Any]], path: Path) -> None:
     axes[1].axhline(persistence, color="black", linestyle="--", label="persistence")
     axes[1].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

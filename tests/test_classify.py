@@ -84,11 +84,14 @@ def test_kfold_in_one_process(tmp_path: Path) -> None:
     )  # fmt: skip
     result = classify.run(cfg)
     assert [f["fold"] for f in result["fold_scores"]] == [0, 1]
-    assert len(result["members"]) == 2 and 0.0 <= result["fold_acc_mean"] <= 1.0
+    held_out = [f["held_out"]["acc"] for f in result["fold_scores"]]
+    assert len(result["members"]) == 2 and result["fold_acc_mean"] == pytest.approx(sum(held_out) / 2)
+    assert sum(map(sum, result["confusion_matrix"])) == result["test_samples"]  # every test sample voted on once
     assert {"acc", "precision", "recall", "f1"} <= set(result["averaged_weights"])
     assert (tmp_path / "result.json").is_file() and (tmp_path / "confusion_matrix.png").is_file()
 
 
+@pytest.mark.mpi
 def test_two_rank_ensemble_run_and_report(tmp_path: Path) -> None:
     out = tmp_path / "run"
     check(
@@ -113,6 +116,7 @@ def test_two_rank_ensemble_run_and_report(tmp_path: Path) -> None:
     assert (tmp_path / "report" / "ensemble_table-digits-scaling.png").is_file()
 
 
+@pytest.mark.mpi
 def test_one_process_strategy_is_refused_under_several_ranks(tmp_path: Path) -> None:
     launched = run_mpi(
         2, ["recipes/classify.py", "strategy=single", "data=digits", f"hydra.run.dir={tmp_path}"], timeout=120

@@ -9,6 +9,8 @@ from lightning_mpi import load_ensemble
 from tests.mpirun import Launch, launch_scenario
 from tests.scenarios.common import DigitClassifier, digits_data
 
+pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks
+
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def launched(request, tmp_path_factory) -> Launch:

@@ -12,6 +12,7 @@ from lightning_mpi.comm import Communicator, launched_by_mpi
 from tests.mpirun import ROOT, check, run_mpi
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("world", [2, 3])
 def test_collectives_on_real_ranks(world):
     result = check(run_mpi(world, ["-m", "tests.scenarios.collectives", str(world)], timeout=120))

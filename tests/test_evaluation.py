@@ -11,6 +11,8 @@ from tests.mpirun import Launch, launch_scenario
 from tests.scenarios.common import quiet_trainer
 from tests.scenarios.evaluation import SAMPLES, Evaluated, dataset
 
+pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks
+
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def launched(request, tmp_path_factory) -> Launch:

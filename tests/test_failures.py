@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from tests.mpirun import run_mpi
+
+pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks
 
 # Start-up (imports, MPI_Init) takes ~5-10 s here: anything close to the timeout would be a hang.
 PROMPT = 60
 
 
 def launch(mode: str):
-    start = time.monotonic()
-    result = run_mpi(2, ["-m", "tests.scenarios.failing", mode], timeout=PROMPT)
-    return result, time.monotonic() - start
+    return run_mpi(2, ["-m", "tests.scenarios.failing", mode], timeout=PROMPT)
 
 
 @pytest.mark.parametrize(
@@ -27,7 +25,7 @@ def launch(mode: str):
     ],
 )
 def test_exception_on_one_rank_ends_every_rank(mode, message):
-    result, _ = launch(mode)
+    result = launch(mode)
     assert result.returncode != 0
     assert "[lightning-mpi] rank 1/2 failed" in result.stderr
     assert message in result.stderr
@@ -35,7 +33,7 @@ def test_exception_on_one_rank_ends_every_rank(mode, message):
 
 
 def test_stalled_collective_is_reported_and_aborted():
-    result, _ = launch("stall")
+    result = launch("stall")
     assert result.returncode != 0
     report = result.stderr
     assert "collective barrier did not complete within 3 s (epoch 0, step 2)" in report
@@ -44,7 +42,7 @@ def test_stalled_collective_is_reported_and_aborted():
 
 
 def test_ranks_in_different_collectives_are_named_in_the_stall_report():
-    result, _ = launch("mismatch")
+    result = launch("mismatch")
     assert result.returncode != 0
     report = result.stderr
     assert "did not complete within 3 s (epoch 0, step 2)" in report
@@ -55,13 +53,13 @@ def test_ranks_in_different_collectives_are_named_in_the_stall_report():
 
 def test_the_timeout_of_the_strategy_in_use_applies():
     # A first Trainer without stall detection created the job's communicator; the second one's timeout=3 applies.
-    result, _ = launch("late_timeout")
+    result = launch("late_timeout")
     assert result.returncode != 0
     assert "collective barrier did not complete within 3 s" in result.stderr
 
 
 def test_killed_rank_ends_the_job():
-    result, _ = launch("kill")
+    result = launch("kill")
     assert result.returncode != 0
     assert "finished without failing" not in result.stdout
 
@@ -75,20 +73,20 @@ def test_killed_rank_ends_the_job():
     ],
 )
 def test_mismatch_is_a_clear_error_not_a_hang(mode, message):
-    result, _ = launch(mode)
+    result = launch(mode)
     assert result.returncode != 0
     assert message in result.stderr
     assert "finished without failing" not in result.stdout
 
 
 def test_nonfinite_gradients_on_one_rank_skip_the_step_everywhere():
-    result, _ = launch("nan_skip")
+    result = launch("nan_skip")
     assert result.returncode == 0, result.stderr
     # both ranks skipped the same steps (batch 2 of each epoch) and finished with finite parameters
     assert result.stdout.count("finished without failing; skipped [2, 34]; finite True") == 2
 
 
 def test_nonfinite_gradients_on_one_rank_raise_everywhere():
-    result, _ = launch("nan_raise")
+    result = launch("nan_raise")
     assert result.returncode != 0
     assert "FloatingPointError: Non-finite gradients at global step 2" in result.stderr

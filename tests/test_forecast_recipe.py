@@ -107,6 +107,7 @@ def test_non_basic_sweepers_and_launchers_are_refused_under_mpi(monkeypatch: pyt
         check_sweep_plugins(hydra_cfg)
 
 
+@pytest.mark.mpi
 def test_two_rank_multirun_shares_job_directories_and_statistics(tmp_path: Path) -> None:
 
     sweep = tmp_path / "sweep"

@@ -6,6 +6,8 @@ import pytest
 
 from tests.mpirun import check, run_mpi
 
+pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks
+
 SLURM_BATCH_STEP = {  # what mpirun inherits inside an sbatch script: the batch step's single task
     "SLURM_JOB_ID": "4242",
     "SLURM_JOB_NAME": "train",

@@ -13,6 +13,8 @@ from tests.mpirun import Launch, launch_scenario
 from tests.scenarios import lightning_paths as paths
 from tests.scenarios.common import BATCH, FixedOrder, distributed_order, quiet_trainer, regression_data
 
+pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks
+
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def launched(request, tmp_path_factory) -> Launch:

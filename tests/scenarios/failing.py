@@ -10,6 +10,7 @@ from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 
 from lightning_mpi import MPIStrategy
+from lightning_mpi.comm import launcher_rank
 from tests.scenarios.common import BATCH, Regressor, quiet_trainer, regression_data
 
 MODE = sys.argv[1]
@@ -52,7 +53,7 @@ class FailingCallback(Callback):
 
 
 def model() -> Failing:
-    rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+    rank = launcher_rank()
     module = Failing(lr=0.1 if MODE == "optimizer" and rank == 1 else 0.05)
     if MODE == "shapes" and rank == 1:
         module.net[0] = torch.nn.Linear(module.net[0].in_features, 16, bias=False)

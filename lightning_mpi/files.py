@@ -1,0 +1,44 @@
+"""Files that readers see whole or not at all: results, plots (checkpoints: see :func:`lightning_mpi.checkpoint.save`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it to ``path``: a reader (or a crash)
+    finds the old file or the complete new one, never part of one. Returns ``path``.
+
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "a.txt"
+    >>> _ = write_atomically(target, lambda tmp: tmp.write_text("whole"))
+    >>> target.read_text(), sorted(p.name for p in target.parent.iterdir())
+    ('whole', ['a.txt'])
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    """``payload`` as indented JSON (other objects as their ``str``), atomically."""
+    return write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, default=str)))
+
+
+def save_figure(figure: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """A matplotlib figure, in the format of ``path``'s suffix, atomically."""
+    suffix = Path(path).suffix.lstrip(".") or "png"
+    return write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format=suffix))
