@@ -200,6 +200,15 @@ def _check_argv(argv: list[str]) -> None:
         )
 
 
+def _export_script_directory() -> None:
+    """Let the processes a launcher starts for the jobs (submitit's) import what the script imports from its own
+    directory, as the script itself does (Python puts that directory first on ``sys.path``)."""
+    script_dir = os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else ""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if script_dir and sys.path and os.path.abspath(sys.path[0] or ".") == script_dir and script_dir not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([script_dir, *paths])
+
+
 def _check_per_rank_settings(hydra_config: Any) -> None:
     """Refuse, under several MPI ranks, an application whose configuration lacks ``mpi_hydra``: every rank would
     write ``.hydra/`` and append to one log file."""
@@ -261,6 +270,7 @@ def mpi_hydra_main(
                 _check_argv(sys.argv[1:])
                 run_stamp()  # the only collective, before Hydra resolves anything
             _check_launch(in_task=False)
+            _export_script_directory()
             register_resolvers()
             register_configs()
             return main()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.mpirun import launch_scenario, tcp_only
+from tests.mpirun import Launch, launch_scenario, tcp_only
 from tests.scenarios.common import CASES, batches_per_step, reference_parameters
 
 pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks
@@ -13,23 +13,13 @@ pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
-_LAUNCHES: dict[tuple[int, bool], dict[str, list[dict]]] = {}
-
-
-def launch(world: int, tmp_path_factory, tcp: bool = False) -> dict[str, list[dict]]:
-    """Every case trained once per world size and transport (one mpirun launch for all cases)."""
-    key = (world, tcp)
-    if key not in _LAUNCHES:
-        args, env = tcp_only() if tcp else ([], {})
-        launched = launch_scenario("tests.scenarios.equivalence", world, tmp_path_factory.mktemp(f"allreduce{world}"),
-                                   timeout=240, mpirun_args=args, env=env)
-        _LAUNCHES[key] = {case: launched.results(case) for case in CASES}
-    return _LAUNCHES[key]
+def results(launched: Launch) -> dict[str, list[dict]]:
+    return {case: launched.results(case) for case in CASES}
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
-def trained(request, tmp_path_factory) -> tuple[int, dict[str, list[dict]]]:
-    return request.param, launch(request.param, tmp_path_factory)
+def trained(request, suite_launches) -> tuple[int, dict[str, list[dict]]]:
+    return request.param, results(suite_launches(request.param))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -74,9 +64,11 @@ def test_all_gather_stacks_ranks(trained):
         assert r["all_gather"].tolist() == [[rank, 7] for rank in range(world)]
 
 
-def test_tcp_transport_gives_the_same_results_as_shared_memory(tmp_path_factory):
-    shared_memory = launch(2, tmp_path_factory)
-    tcp = launch(2, tmp_path_factory, tcp=True)
+def test_tcp_transport_gives_the_same_results_as_shared_memory(suite_launches, tmp_path_factory):
+    shared_memory = results(suite_launches(2))
+    args, env = tcp_only()
+    tcp = results(launch_scenario("tests.scenarios.equivalence", 2, tmp_path_factory.mktemp("tcp"), timeout=240,
+                                  mpirun_args=args, env=env))
     for case in CASES:
         for a, b in zip(shared_memory[case], tcp[case]):
             assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"]), case

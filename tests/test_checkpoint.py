@@ -5,14 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.mpirun import launch_scenario
-
 pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    launched = launch_scenario("tests.scenarios.checkpointing", 2, tmp_path_factory.mktemp("ckpt"), timeout=300)
+def results(suite_launches):
+    launched = suite_launches(2)
     return {sync: launched.results(sync) for sync in ("allreduce", "average")}
 
 

@@ -6,16 +6,15 @@ import pytest
 import torch
 
 from lightning_mpi import load_ensemble
-from tests.mpirun import Launch, launch_scenario
+from tests.mpirun import Launch
 from tests.scenarios.common import DigitClassifier, digits_data
 
 pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
-def launched(request, tmp_path_factory) -> Launch:
-    world = request.param
-    return launch_scenario("tests.scenarios.combining", world, tmp_path_factory.mktemp(f"combining{world}"))
+def launched(request, suite_launches) -> Launch:
+    return suite_launches(request.param)
 
 
 def max_diff(a: dict, b: dict) -> float:

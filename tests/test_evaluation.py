@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch import seed_everything
 from torch.utils.data import DataLoader
 
-from tests.mpirun import Launch, launch_scenario
+from tests.mpirun import Launch
 from tests.scenarios.common import quiet_trainer
 from tests.scenarios.evaluation import SAMPLES, Evaluated, dataset
 
@@ -15,9 +15,8 @@ pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
-def launched(request, tmp_path_factory) -> Launch:
-    world = request.param
-    return launch_scenario("tests.scenarios.evaluation", world, tmp_path_factory.mktemp(f"evaluation{world}"))
+def launched(request, suite_launches) -> Launch:
+    return suite_launches(request.param)
 
 
 @pytest.fixture(scope="module")

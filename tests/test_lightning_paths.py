@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import seed_everything
 from torch.utils.data import DataLoader
 
-from tests.mpirun import Launch, launch_scenario
+from tests.mpirun import Launch
 from tests.scenarios import lightning_paths as paths
 from tests.scenarios.common import BATCH, FixedOrder, distributed_order, quiet_trainer, regression_data
 
@@ -17,9 +17,8 @@ pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
-def launched(request, tmp_path_factory) -> Launch:
-    world = request.param
-    return launch_scenario("tests.scenarios.lightning_paths", world, tmp_path_factory.mktemp(f"paths{world}"))
+def launched(request, suite_launches) -> Launch:
+    return suite_launches(request.param)
 
 
 def max_diff(a: dict, b: dict) -> float:

@@ -1,19 +1,19 @@
 """Under mpirun: every collective of the communicator, with expectations derived from rank and size."""
 
-import sys
+from pathlib import Path
 
 import torch
 
 from lightning_mpi.comm import MPICommunicator, world
+from tests.scenarios.common import save_rank_results
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8]
 
 
-def main() -> None:
+def main(out: Path | None = None) -> None:
     comm = world()
     assert isinstance(comm, MPICommunicator), type(comm)
     rank, size = comm.rank, comm.size
-    assert size == int(sys.argv[1]), f"expected {sys.argv[1]} ranks, got {size}"
 
     for dtype in DTYPES:
         for op, expected in (("sum", sum(range(1, size + 1))), ("max", size), ("min", 1)):
@@ -87,6 +87,8 @@ def main() -> None:
     assert comm.local_size == size and comm.num_nodes == 1 and comm.node_rank == 0
     assert comm.bytes_sent() > 0
     print(f"rank {rank}: collectives ok")
+    if out is not None:
+        save_rank_results(out, "collectives", {"ok": True})
 
 
 if __name__ == "__main__":

@@ -91,6 +91,10 @@ def ensemble(out: Path) -> None:
     )
 
 
+def main(out: Path) -> None:
+    averaging(out)
+    ensemble(out)
+
+
 if __name__ == "__main__":
-    averaging(Path(sys.argv[1]))
-    ensemble(Path(sys.argv[1]))
+    main(Path(sys.argv[1]))

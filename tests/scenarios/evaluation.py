@@ -142,8 +142,11 @@ def sigterm(out: Path) -> None:
     save_rank_results(out, "sigterm", {"stopped_at": stopped_at, "saved": saved, "resumed_epoch": resumed.current_epoch})
 
 
+def main(out: Path) -> None:
+    metrics(out)
+    early_stopping(out)
+    sigterm(out)
+
+
 if __name__ == "__main__":
-    target = Path(sys.argv[1])
-    metrics(target)
-    early_stopping(target)
-    sigterm(target)
+    main(Path(sys.argv[1]))

@@ -1,0 +1,32 @@
+"""Under mpirun: every scenario that must succeed, one after the other, in a single launch per world size.
+
+A launch costs ~5 s of start-up (torch, Lightning, MPI) on every rank: one launch instead of six. A scenario that
+fails ends the launch, and every test that reads its results (or a later scenario's) fails with what the ranks
+printed. ``python -m tests.scenarios.suite OUT [SCENARIO ...]``.
+"""
+
+import sys
+from pathlib import Path
+
+from lightning_mpi.comm import world
+from tests.scenarios import checkpointing, collectives, combining, equivalence, evaluation, lightning_paths
+
+SCENARIOS = {
+    "collectives": collectives.main,
+    "equivalence": equivalence.main,
+    "combining": combining.main,
+    "evaluation": evaluation.main,
+    "checkpointing": checkpointing.main,
+    "lightning_paths": lambda out: lightning_paths.main(out, []),
+}
+
+
+def main(out: Path, names: list[str]) -> None:
+    for name in names or list(SCENARIOS):
+        SCENARIOS[name](out)
+        if world().rank == 0:
+            print(f"scenarios {name} done", flush=True)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
