@@ -269,7 +269,7 @@ class MPICommunicator(Communicator):
         self._comm = base.Dup()
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
-        self._local = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self._local = self._node_communicator(MPI)
         self.local_rank = self._local.Get_rank()
         self.local_size = self._local.Get_size()
         leaders = self._comm.allgather(self.local_rank == 0)
@@ -281,6 +281,18 @@ class MPICommunicator(Communicator):
         self._bytes = 0
         self._same_calls_reason: str | None = None
         self._monitor = _Monitor(self, validate_timeout(timeout)) if self.size > 1 else None
+
+    def _node_communicator(self, MPI: Any) -> Any:
+        """The ranks on this rank's node: those that share memory with it, as MPI knows them. Where the launcher
+        told MPI nothing about locality (Slurm's PMIx server and Open MPI 5: every rank alone in its group), the
+        ranks with the same host name."""
+        shared = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        hosts = self._comm.allgather((shared.Get_size(), MPI.Get_processor_name()))
+        names = [name for _, name in hosts]
+        if any(size > 1 for size, _ in hosts) or len(set(names)) == len(names):
+            return shared
+        shared.Free()
+        return self._comm.Split(sorted(set(names)).index(names[self.rank]), key=self.rank)
 
     # -- buffers ---------------------------------------------------------------------------------------
 

@@ -66,6 +66,7 @@ def check_launch_scenario(out: Path, library: str) -> list[dict]:
     records = [json.loads((out / f"launch.rank{r}.json").read_text()) for r in range(2)]
     for rank, record in enumerate(records):
         assert (record["world"], record["rank"]) == (2, rank), record
+        assert record["node"] == [2, 1], record  # both ranks on this one node (also where PMIx tells MPI nothing)
         assert record["before_fit"] == {"world_size": 2, "global_rank": rank}, record
         assert record["library"].startswith(library), record
     for case, (_, _, dtype) in CASES.items():

@@ -38,6 +38,7 @@ def launch(out: Path) -> None:
     record = {
         "world": comm.size,
         "rank": comm.rank,
+        "node": (comm.local_size, comm.num_nodes),
         "before_fit": before,
         "library": mpi_library(),
         "slurm_procid": os.environ.get("SLURM_PROCID"),
