@@ -208,6 +208,31 @@ class CollectiveMismatch(RuntimeError):
     """Ranks called different collectives at the same point (see :meth:`Communicator.require_same_calls`)."""
 
 
+_OP_NAMES = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
+
+
+def reduce_op_name(reduce_op: Any) -> ReduceOpName:
+    """The reduction named by a string (``"mean"``, ``"avg"``, ``"sum"``, ...) or by ``torch.distributed.ReduceOp``
+    (what Lightning passes); ``None`` means ``"mean"``.
+
+    >>> reduce_op_name("AVG"), reduce_op_name(None)
+    ('mean', 'mean')
+    """
+    if reduce_op is None:
+        return "mean"
+    key = reduce_op.lower() if isinstance(reduce_op, str) else _torch_op_name(reduce_op)
+    if key not in _OP_NAMES:
+        raise ValueError(f"reduce_op={reduce_op!r} is not supported over MPI: use mean, sum, max or min.")
+    return _OP_NAMES[key]  # type: ignore[return-value]
+
+
+def _torch_op_name(reduce_op: Any) -> str:
+    if not torch.distributed.is_available():
+        return ""
+    ops = torch.distributed.ReduceOp
+    return {ops.SUM: "sum", ops.MAX: "max", ops.MIN: "min", ops.AVG: "mean"}.get(reduce_op, "")
+
+
 def validate_timeout(timeout: float | None) -> float | None:
     """``timeout`` as a number of seconds, or ``None`` for no stall detection (also for ``0``).
 

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
 from lightning_mpi.comm import Communicator
 
@@ -77,10 +79,11 @@ class UnevenInputs:
         self._loader = loader
         self._pending.append(status)
 
-    def loader(self, dataloader: Any, takes_dataloader_iter: bool) -> Any:
+    def loader(self, dataloader: Any, module: LightningModule | None) -> Any:
         """The training loader every rank iterates in lockstep (``dataloader`` itself in one process, or where
-        ``training_step`` pulls its own batches from a ``dataloader_iter``)."""
-        if self.comm.size == 1 or takes_dataloader_iter:
+        ``training_step(dataloader_iter)`` pulls its own batches: there is no batch per step to bridge)."""
+        pulls = module is not None and is_param_in_hook_signature(module.training_step, "dataloader_iter", explicit=True)
+        if self.comm.size == 1 or pulls:
             return dataloader
         return JoinedBatches(dataloader, self.comm, self)
 

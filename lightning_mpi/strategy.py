@@ -15,7 +15,6 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
-from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from torch.nn import Module
@@ -28,7 +27,7 @@ from lightning_mpi._autograd import during_next_backward
 from lightning_mpi.batching import TensorBatches
 from lightning_mpi.buffers import DEFAULT_BUCKET_MB
 from lightning_mpi.checks import check_launch, check_replicas_match
-from lightning_mpi.comm import Communicator, TrafficMeter, validate_timeout, world
+from lightning_mpi.comm import Communicator, TrafficMeter, reduce_op_name, validate_timeout, world
 from lightning_mpi.environment import MPICommEnvironment
 from lightning_mpi.failure import AbortOnFailure, abort_on_uncaught_exceptions, end_job_unless_every_rank_failed
 from lightning_mpi.join import UnevenInputs
@@ -37,8 +36,6 @@ from lightning_mpi.nonfinite import NonFiniteGradients
 from lightning_mpi.signals import StopAgreement
 from lightning_mpi.sync import SyncPolicy, make_policy
 from lightning_mpi.threads import choose_threads
-
-_REDUCE_OPS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
 
 
 class MPIStrategy(ParallelStrategy):
@@ -255,7 +252,7 @@ class MPIStrategy(ParallelStrategy):
             if self._fast_tensor_batches and TensorBatches.applies_to(dataloader):
                 dataloader = TensorBatches(dataloader)  # type: ignore[arg-type]
             assert self._uneven is not None
-            return self._uneven.loader(dataloader, _takes_dataloader_iter(self.lightning_module))
+            return self._uneven.loader(dataloader, self.lightning_module)
         if not _lightning.uses_distributed_sampler(trainer):
             return dataloader
         return self._policy.evaluation_loader(dataloader)
@@ -269,7 +266,7 @@ class MPIStrategy(ParallelStrategy):
         """Reduce ``tensor`` over all ranks; integer tensors averaged with ``"mean"`` come back as floats."""
         if not isinstance(tensor, Tensor):
             return tensor
-        op = _reduce_op_name(reduce_op)
+        op = reduce_op_name(reduce_op)
         out = tensor.detach().clone()
         if op == "mean" and not out.is_floating_point():
             out = out.double()
@@ -442,25 +439,6 @@ class MPIStrategy(ParallelStrategy):
         strategy_registry.register(
             cls.strategy_name, cls, description="Data-parallel training over MPI (mpi4py)", override=True
         )
-
-
-def _reduce_op_name(reduce_op: ReduceOp | str | None) -> str:
-    if reduce_op is None:
-        return "mean"
-    if isinstance(reduce_op, str):
-        key = reduce_op.lower()
-    else:
-        key = {ReduceOp.SUM: "sum", ReduceOp.MAX: "max", ReduceOp.MIN: "min"}.get(reduce_op, "")
-        if getattr(ReduceOp, "AVG", None) is not None and reduce_op == ReduceOp.AVG:
-            key = "mean"
-    if key not in _REDUCE_OPS:
-        raise ValueError(f"MPIStrategy.reduce does not support reduce_op={reduce_op!r}: use mean, sum, max or min.")
-    return _REDUCE_OPS[key]
-
-
-def _takes_dataloader_iter(module: LightningModule | None) -> bool:
-    """``training_step(dataloader_iter)`` pulls its own batches: there is no batch per step to bridge."""
-    return module is not None and is_param_in_hook_signature(module.training_step, "dataloader_iter", explicit=True)
 
 
 def _unwrap(optimizer: Any) -> Any:

@@ -153,7 +153,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
     import lightning
 
-    state.out = open(results / f"rank{state.rank}.jsonl", "a", buffering=1)
+    state.out = open(results / f"rank{state.rank}.jsonl", "a", buffering=1)  # noqa: SIM115 - open for the session
     state.write(
         event="session", rank=state.rank, size=state.size, mode=state.mode, pid=os.getpid(),
         host=os.uname().nodename, python=sys.executable, lightning=lightning.__file__,
@@ -218,7 +218,7 @@ def decide(strategy: Any, accelerator: Any, devices: Any, num_nodes: Any, plugin
     else:
         try:
             count = _parse_cpu_cores(devices)
-        except Exception:  # an invalid value: let Lightning raise what the test expects
+        except Exception:  # noqa: BLE001 - an invalid value: let Lightning raise what the test expects
             return False, f"devices={devices!r} is not a CPU process count"
     if count not in (1, world_size):
         return False, f"devices={count} CPU processes asked, MPI world size is {world_size}"
@@ -239,7 +239,7 @@ def _patch_accelerator_connector(state: _State) -> None:
         try:
             eligible, why = decide(a["strategy"], a["accelerator"], a["devices"], a["num_nodes"], a["plugins"],
                                    state.size)
-        except Exception as exc:  # never let the harness's own decision break a test
+        except Exception as exc:  # noqa: BLE001 - never let the harness's own decision break a test
             eligible, why = False, f"harness could not decide: {type(exc).__name__}: {exc}"
         injected = eligible and state.mode == "inject"
         if injected:

@@ -12,6 +12,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from tests.conformance.reasons import reason_for
+
 TITLES = {"reference": "default strategy, 1 process"}
 COLUMNS = ("passed", "failed", "skipped", "ended")
 
@@ -69,18 +71,18 @@ def render(configs: dict[str, dict[str, Any]]) -> str:
     settings = next(iter(configs.values())).get("settings", {})
     lines += [
         "",
-        "Cells: passed / failed / skipped / ended the job (failed includes errors in set-up or tear-down; at world "
+        ("Cells: passed / failed / skipped / ended the job (failed includes errors in set-up or tear-down; at world "
         "size > 1 a test passes only if it passed on every rank). A test \"ended the job\" when the MPI job died "
         "while it ran (an exception that lightning-mpi turns into MPI_Abort, a stalled collective reported by the "
         f"watchdog after {settings.get('stall_timeout', '?')} s, a crash); the rest of the tests ran in a new job. "
         f"Limits: {settings.get('test_timeout', '?')} s per test (pytest-timeout), "
         f"{settings.get('memory_gb', '?')} GiB of address space per process (a test that exceeds it fails with "
-        "MemoryError).",
+        "MemoryError)."),
         "",
-        "MPIStrategy replaces the default strategy and DDP on CPU Trainers (one node, `devices` 1 or the world size); "
+        ("MPIStrategy replaces the default strategy and DDP on CPU Trainers (one node, `devices` 1 or the world size); "
         "other Trainers keep theirs (see `tests/conformance/mpi_inject_plugin.py`). At world size > 1 every rank runs "
         "every test, also tests that build no Trainer: they share `tmp_path`, and `rank_zero_only.rank` is the "
-        "process's MPI rank, so rank-zero-only warnings and logs are absent on the other ranks.",
+        "process's MPI rank, so rank-zero-only warnings and logs are absent on the other ranks."),
         "",
     ]
     titles = [f"{label}: {_title(label, configs[label])}" for label in labels]
@@ -131,16 +133,20 @@ def render(configs: dict[str, dict[str, Any]]) -> str:
         tests = configs[label]["tests"]
         broken = [n for n in passing if n in tests and tests[n]["outcome"] not in ("passed", "skipped")]
         skipped = [n for n in passing if n in tests and tests[n]["outcome"] == "skipped"]
-        lines += [f"## {label}: pass with the default strategy, not with {_title(label, configs[label])} "
-                  f"({len(broken)})", ""]
+        lines += [(f"## {label}: pass with the default strategy, not with {_title(label, configs[label])} "
+                  f"({len(broken)})"), ""]
         if broken:
-            lines += ["| test | outcome | injected | first line of the failure |", "|---|---|---|---|"]
+            explained = configs[label]["world_size"] > 1
+            lines += ["| test | outcome | injected | first line of the failure |"
+                      + (" why it cannot pass under several ranks |" if explained else ""),
+                      "|---|---|---|---|" + ("---|" if explained else "")]
             for n in broken:
                 test = tests[n]
                 outcome = "ended the job" if test["outcome"] == "ended" else test["outcome"]
                 injected = "yes" if test.get("injected") else "no"
+                why = f" {reason_for(n) or '**not explained: a defect until shown otherwise**'} |" if explained else ""
                 lines.append(
-                    f"| `{n.removeprefix('tests/tests_pytorch/')}` | {outcome} | {injected} | {_first_line(test)} |"
+                    f"| `{n.removeprefix('tests/tests_pytorch/')}` | {outcome} | {injected} | {_first_line(test)} |{why}"
                 )
             lines.append("")
         if skipped:
