@@ -10,6 +10,8 @@ from torch import Tensor
 #: Default bucket capacity. Without overlap of communication and backward, one large allreduce beats several
 #: small ones (per-call latency dominates below ~1 MB), so most models fit in a single bucket.
 DEFAULT_BUCKET_MB = 25.0
+#: With overlap, smaller buckets: the first one is complete (and on the wire) early in backward.
+OVERLAP_BUCKET_MB = 4.0
 
 
 class Bucket:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import queue
 import re
 import sys
 import threading
@@ -148,14 +149,24 @@ class Communicator:
         _check_op(tensor, op)
         return tensor
 
-    def prepared_allreduce(self, tensor: Tensor, op: ReduceOpName = "sum") -> Callable[[], Tensor]:
+    def prepared_allreduce(self, tensor: Tensor, op: ReduceOpName = "sum") -> Reduction:
         """A reusable in-place :meth:`allreduce_` of ``tensor``, for a buffer reduced again and again (buckets).
 
         The buffer is described to MPI once, so each call costs what the MPI call itself costs. ``tensor`` must
-        keep its memory (no resizing) while the returned callable is in use.
+        keep its memory (no resizing) while the returned :class:`Reduction` is in use.
         """
         _check_op(tensor, op)
-        return lambda: self.allreduce_(tensor, op)
+        return Reduction(lambda: self.allreduce_(tensor, op))
+
+    def enable_background(self) -> bool:
+        """Prepare a thread that runs reductions while the caller computes (:meth:`Reduction.start`); a collective.
+        Returns whether reductions really overlap (not in one process, nor where MPI cannot serve two threads)."""
+        return False
+
+    @property
+    def checks_calls(self) -> bool:
+        """Whether collectives are being checked for the same call on every rank (:meth:`require_same_calls`)."""
+        return False
 
     def broadcast_(self, tensor: Tensor, root: int = 0) -> Tensor:
         """Overwrite ``tensor`` on every rank with the values of rank ``root``."""
@@ -249,6 +260,29 @@ def validate_timeout(timeout: float | None) -> float | None:
     return float(timeout) if timeout > 0 else None
 
 
+class Reduction:
+    """A prepared in-place reduction of one buffer (a gradient bucket), reused step after step.
+
+    Call it (or :meth:`run`) to reduce now; or :meth:`start` it, compute meanwhile, and :meth:`wait` for it. Here
+    (one process, or no background thread) starting runs it at once.
+    """
+
+    def __init__(self, run: Callable[[], Tensor]) -> None:
+        self._run = run
+
+    def __call__(self) -> Tensor:
+        return self._run()
+
+    def run(self) -> Tensor:
+        return self._run()
+
+    def start(self) -> None:
+        self._run()
+
+    def wait(self) -> None:
+        """Return once the started reduction is complete (re-raising what it raised)."""
+
+
 class TrafficMeter:
     """Payload bytes a rank sent in collectives during each training epoch."""
 
@@ -305,6 +339,7 @@ class MPICommunicator(Communicator):
         self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX}
         self._bytes = 0
         self._same_calls_reason: str | None = None
+        self._background: _Background | None = None
         self._monitor = _Monitor(self, validate_timeout(timeout)) if self.size > 1 else None
 
     def _node_communicator(self, MPI: Any) -> Any:
@@ -373,29 +408,31 @@ class MPICommunicator(Communicator):
                 tensor.div_(self.size)
         return tensor
 
-    def prepared_allreduce(self, tensor: Tensor, op: ReduceOpName = "sum") -> Callable[[], Tensor]:
+    def prepared_allreduce(self, tensor: Tensor, op: ReduceOpName = "sum") -> Reduction:
         _check_op(tensor, op)
         direct = tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.dtype in _NUMPY_REDUCIBLE
         if self.size == 1 or op == "mean" or not direct:
             return super().prepared_allreduce(tensor, op)  # staged, on a device, or divided: the general path
-        mpi_op, buffer, nbytes = self._ops[op], tensor.detach().numpy(), tensor.numel() * tensor.element_size()
+        return _MPIReduction(self, tensor, self._ops[op], op)
 
-        def run() -> Tensor:
-            if self._same_calls_reason is not None:
-                self._check_same_call("allreduce", tensor, op)
-            self._watched_allreduce(buffer, mpi_op, tensor)
-            self._bytes += nbytes
-            return tensor
+    def enable_background(self) -> bool:
+        if self.size == 1 or self._MPI.Query_thread() < self._MPI.THREAD_MULTIPLE:
+            return False
+        if self._background is None:
+            self._background = _Background(self._comm.Dup())
+        return True
 
-        return run
+    @property
+    def checks_calls(self) -> bool:
+        return self._same_calls_reason is not None
 
-    def _watched_allreduce(self, buffer: Any, mpi_op: Any, tensor: Tensor) -> None:
+    def _watched_allreduce(self, buffer: Any, mpi_op: Any, tensor: Tensor, comm: Any = None) -> None:
         """In-place ``Allreduce`` of ``buffer`` under the monitor (the hot path: no context manager)."""
         monitor = self._monitor
         if monitor is not None:
             monitor.enter("allreduce", tensor)
         try:
-            self._comm.Allreduce(self._MPI.IN_PLACE, buffer, op=mpi_op)
+            (comm or self._comm).Allreduce(self._MPI.IN_PLACE, buffer, op=mpi_op)
         finally:
             if monitor is not None:
                 monitor.exit()
@@ -517,6 +554,82 @@ def _describe_call(row: list[int]) -> str:
     if dtype >= 0:
         text += f" of {numel} {_LAYOUT_DTYPES[dtype]}"
     return text + (f" ({_CALL_KINDS[op]})" if op >= 0 else "")
+
+
+class _MPIReduction(Reduction):
+    """An in-place ``Allreduce`` of a contiguous host buffer, described to MPI once; started ones run, in the order
+    they were started (the same on every rank), on the communicator's background thread."""
+
+    def __init__(self, owner: MPICommunicator, tensor: Tensor, mpi_op: Any, op: str) -> None:
+        super().__init__(self.run)
+        self._owner, self._tensor, self._mpi_op, self._op = owner, tensor, mpi_op, op
+        self._buffer, self._nbytes = tensor.detach().numpy(), tensor.numel() * tensor.element_size()
+        self._done = threading.Event()
+        self._in_background = False
+        self._error: BaseException | None = None
+
+    def run(self) -> Tensor:
+        owner = self._owner
+        if owner._same_calls_reason is not None:
+            owner._check_same_call("allreduce", self._tensor, self._op)
+        owner._watched_allreduce(self._buffer, self._mpi_op, self._tensor)
+        owner._bytes += self._nbytes
+        return self._tensor
+
+    def start(self) -> None:
+        background = self._owner._background
+        if background is None or self._owner._same_calls_reason is not None:
+            self.run()  # no thread (or ranks must be checked call by call, on the main communicator)
+            return
+        self._done.clear()
+        self._error = None
+        self._in_background = True
+        background.submit(self)
+
+    def execute(self, comm: Any) -> None:
+        """On the background thread: reduce on its communicator (never mixed with the main thread's)."""
+        try:
+            self._owner._watched_allreduce(self._buffer, self._mpi_op, self._tensor, comm)
+            self._owner._bytes += self._nbytes
+        except BaseException as error:  # noqa: BLE001 - handed to the thread that waits for it
+            self._error = error
+        finally:
+            self._done.set()
+
+    def wait(self) -> None:
+        if not self._in_background:
+            return  # run at once (or never started)
+        self._done.wait()
+        self._in_background = False
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+class _Background:
+    """One thread running started reductions one after the other, on a communicator of its own.
+
+    Every rank starts the same reductions in the same order (gradient buckets in bucket order), so they pair up.
+    MPI's blocking calls release the GIL, so the starting thread computes meanwhile (backward goes on).
+    """
+
+    def __init__(self, comm: Any) -> None:
+        self._comm = comm
+        self._jobs: queue.SimpleQueue[_MPIReduction | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="lightning-mpi-reductions", daemon=True)
+        self._thread.start()
+        atexit.register(self.stop)  # before mpi4py's MPI_Finalize (atexit is last-in, first-out)
+
+    def submit(self, job: _MPIReduction) -> None:
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=2.0)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job.execute(self._comm)
 
 
 def _buffer(tensor: Tensor) -> Any:

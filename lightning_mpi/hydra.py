@@ -71,7 +71,8 @@ class MPIStrategyConfig:
     average_optimizer_state: bool = False
     voting: Optional[str] = None  # noqa: UP045
     seed: Optional[int] = None  # noqa: UP045
-    bucket_mb: float = 25.0
+    bucket_mb: Optional[float] = None  # noqa: UP045
+    overlap: Optional[bool] = None  # noqa: UP045
     num_threads: Optional[int] = None  # noqa: UP045
     timeout: Optional[float] = 600.0  # noqa: UP045
     on_nonfinite: str = "ignore"

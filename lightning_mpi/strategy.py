@@ -25,7 +25,6 @@ from lightning_mpi import _lightning
 from lightning_mpi import checkpoint as ckpt
 from lightning_mpi._autograd import during_next_backward
 from lightning_mpi.batching import TensorBatches
-from lightning_mpi.buffers import DEFAULT_BUCKET_MB
 from lightning_mpi.checks import check_launch, check_replicas_match
 from lightning_mpi.comm import Communicator, TrafficMeter, reduce_op_name, validate_timeout, world
 from lightning_mpi.environment import MPICommEnvironment
@@ -53,7 +52,9 @@ class MPIStrategy(ParallelStrategy):
             only for ``sync="ensemble"``.
         seed: base seed of the ensemble members (default: the current torch seed); member ``r`` uses a seed
             derived from it and ``r``.
-        bucket_mb: capacity of a flat communication buffer in MiB.
+        bucket_mb: capacity of a flat communication buffer in MiB (default: 25 without overlap, 4 with it).
+        overlap: reduce gradient buckets while backward goes on (``sync="allreduce"``); default: when the job spans
+            several nodes (see :class:`~lightning_mpi.sync.GradientAllreduce`).
         num_threads: torch threads per rank. Default: ``OMP_NUM_THREADS`` if set, else the cores this rank may
             use divided by the ranks sharing them.
         timeout: seconds any collective may take before the job is reported as stalled and aborted
@@ -80,7 +81,8 @@ class MPIStrategy(ParallelStrategy):
         average_optimizer_state: bool = False,
         voting: str | None = None,
         seed: int | None = None,
-        bucket_mb: float = DEFAULT_BUCKET_MB,
+        bucket_mb: float | None = None,
+        overlap: bool | None = None,
         num_threads: int | None = None,
         timeout: float | None = 600.0,
         on_nonfinite: str = "ignore",
@@ -91,7 +93,7 @@ class MPIStrategy(ParallelStrategy):
         precision_plugin: Precision | None = None,
     ) -> None:
         self._policy = make_policy(
-            sync, every_n_steps, every_n_epochs, warmup_steps, average_optimizer_state, voting, seed, bucket_mb
+            sync, every_n_steps, every_n_epochs, warmup_steps, average_optimizer_state, voting, seed, bucket_mb, overlap
         )
         self._timeout = validate_timeout(timeout)
         factory: Callable[[], Communicator] = (lambda: communicator) if communicator else (lambda: world(self._timeout))
@@ -331,7 +333,7 @@ class MPIStrategy(ParallelStrategy):
         averaged gradients; the policy's loss scale spares that reduction a division."""
         module, uneven = self.lightning_module, self._uneven
         assert module is not None and uneven is not None
-        self._policy.before_backward(module)
+        self._policy.before_backward(module, self._sync_gradients)
         uneven.count_backward()
         synchronise = self._synchronise_gradients if self._sync_gradients else None
         during_next_backward(closure_loss, self._policy.loss_scale, synchronise)

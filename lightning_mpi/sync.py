@@ -6,6 +6,7 @@ by all ranks in the same order (the strategy makes sure of that), so no hook can
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from lightning_mpi import voting
-from lightning_mpi.buffers import DEFAULT_BUCKET_MB, Bucket, ByteBucket, bucketize
+from lightning_mpi.buffers import DEFAULT_BUCKET_MB, OVERLAP_BUCKET_MB, Bucket, ByteBucket, bucketize
 from lightning_mpi.comm import Communicator
 from lightning_mpi.sampling import gather_shards, shard_evaluation_dataloader
 from lightning_mpi.signals import FlagChannel
@@ -83,8 +84,9 @@ class SyncPolicy:
         """Called before every ``training_step``; ``synchronised``: its backward will be synchronised; ``source``:
         the lowest rank with a batch of its own in this step (see :mod:`lightning_mpi.join`)."""
 
-    def before_backward(self, module: Module) -> None:
-        """Called before every backward through the strategy (also on non-stepping micro-batches)."""
+    def before_backward(self, module: Module, synchronised: bool) -> None:
+        """Called before every backward through the strategy (also on non-stepping micro-batches, where
+        ``synchronised`` is false)."""
 
     def after_backward(self, module: Module, weight: float = 1.0) -> None:
         """Called after every backward whose gradients feed an optimizer step (collective where it communicates).
@@ -162,15 +164,29 @@ class GradientAllreduce(SyncPolicy):
 
     Lazy modules (``nn.LazyLinear``) are materialised by the first forward: buckets are built at the first
     backward, and parameters and buffers are broadcast from rank 0 once that backward's gradients are averaged.
+
+    With ``overlap``, communication runs while backward goes on, as under DDP and Horovod: buckets hold the
+    parameters in reverse order (backward produces the last layers' gradients first), and each bucket is reduced
+    on a background thread as soon as every gradient in it has arrived, in bucket order on every rank; the end
+    of backward waits for them (buckets with a parameter that got no gradient are reduced then). ``None``: on when
+    the job spans several nodes (on one node, shared memory makes communication too cheap to hide, and the thread
+    competes with backward for the cores). ``bucket_mb`` ``None``: one bucket of up to 25 MiB without overlap
+    (fewest calls), buckets of 4 MiB with it (the first one starts early).
     """
 
     name = "allreduce"
     syncs_gradients = True
     ranks_differ = False
 
-    def __init__(self, bucket_mb: float = DEFAULT_BUCKET_MB) -> None:
+    def __init__(self, bucket_mb: float | None = None, overlap: bool | None = None) -> None:
         super().__init__()
         self.bucket_mb = bucket_mb
+        self.overlap = overlap
+        self._overlapping = False
+        self._launching = False
+        self._next_launch = 0
+        #: buckets whose reduction started while backward was still running (overlap), since setup
+        self.overlapped_buckets = 0
         self._buckets: list[_GradientBucket] | None = None
         self._sparse: list[Tensor] = []
         self._buffers: ByteBucket | None = None
@@ -185,6 +201,8 @@ class GradientAllreduce(SyncPolicy):
         super().setup(comm, module, fitting, resuming)
         if not (fitting and resuming):  # a resumed fit loads one checkpoint on every rank: replicas already agree
             broadcast_module(comm, module)
+        wanted = self.overlap if self.overlap is not None else comm.num_nodes > 1
+        self._overlapping = wanted and comm.enable_background()
         self._buckets = None
         self._buffers = None
         self._buffers_stale = False
@@ -198,15 +216,18 @@ class GradientAllreduce(SyncPolicy):
         trainable = [p for p in module.parameters() if p.requires_grad and not is_lazy(p)]
         self._sparse = [p for p in trainable if id(p) in sparse]
         dense = [p for p in trainable if id(p) not in sparse]
+        if self._overlapping:
+            dense.reverse()  # the order in which backward produces the gradients, roughly
+        default_mb = OVERLAP_BUCKET_MB if self._overlapping else DEFAULT_BUCKET_MB
         # The tail of each bucket carries one flag per parameter (how many ranks produced a gradient), then the
         # flag of the policy's FlagChannel: a SIGTERM agreement travels with the gradients, no collective of its own.
-        buckets = bucketize(dense, self.bucket_mb, extra_per_tensor=1, extra_per_bucket=1)
+        buckets = bucketize(dense, self.bucket_mb or default_mb, extra_per_tensor=1, extra_per_bucket=1)
         self._buckets = [_GradientBucket(b, self.comm) for b in buckets]
         for handle in self._hooks:
             handle.remove()
         self._hooks = [
-            p.register_post_accumulate_grad_hook(_mark_received(gb.received, i))
-            for gb in self._buckets
+            p.register_post_accumulate_grad_hook(functools.partial(self._gradient_arrived, k, i))
+            for k, gb in enumerate(self._buckets)
             for i, p in enumerate(gb.bucket.tensors)
         ]
         buffers = [b for b in module.buffers() if not is_lazy(b)]
@@ -230,7 +251,7 @@ class GradientAllreduce(SyncPolicy):
             self._buffers.unpack()
         self._buffers_stale = False
 
-    def before_backward(self, module: Module) -> None:
+    def before_backward(self, module: Module, synchronised: bool) -> None:
         if self.comm.size == 1:
             return
         if self._buckets is None:
@@ -242,13 +263,33 @@ class GradientAllreduce(SyncPolicy):
             if p.grad is not None and id(p) in self._sparse_reduced:
                 p.grad = p.grad * (1.0 / self.comm.size)
         self._sparse_reduced.clear()
+        # Ranks checked call by call (uneven inputs) reduce at the end of backward, on the main communicator.
+        self._launching = synchronised and self._overlapping and not self.comm.checks_calls
+        self._next_launch = 0
+
+    def _gradient_arrived(self, bucket_index: int, index: int, _: Tensor) -> None:
+        """A post-accumulate-grad hook: parameter ``index`` of bucket ``bucket_index`` has its gradient."""
+        assert self._buckets is not None
+        if self._buckets[bucket_index].arrived(index) and self._launching:
+            self._launch_complete_buckets()
+
+    def _launch_complete_buckets(self) -> None:
+        buckets = self._buckets
+        assert buckets is not None
+        while self._next_launch < len(buckets) and buckets[self._next_launch].complete:
+            buckets[self._next_launch].start(self._flags, background=True)
+            self._next_launch += 1
+            self.overlapped_buckets += 1
 
     def after_backward(self, module: Module, weight: float = 1.0) -> None:
         if self.comm.size == 1:
             return
         assert self._buckets is not None
+        for gradient_bucket in self._buckets[self._next_launch :]:  # in bucket order, as every rank
+            gradient_bucket.start(self._flags, background=self._launching)
+        self._launching, self._next_launch = False, 0
         for gradient_bucket in self._buckets:
-            gradient_bucket.allreduce(self._flags)
+            gradient_bucket.finish(self._flags)
             if weight != 1.0:
                 gradient_bucket.bucket.flat.mul_(weight)
         if self._sparse:
@@ -315,6 +356,10 @@ class _GradientBucket:
         self.carried = [False] * len(bucket.tensors)
         #: the views hold gradients averaged by the last allreduce (not yet zeroed or scaled back)
         self.reduced = False
+        #: which parameters received their gradient in the current backward, and how many have not yet
+        self._arrived = [False] * len(bucket.tensors)
+        self._waiting = len(bucket.tensors)
+        self._in_bucket = False
         self._reduce = comm.prepared_allreduce(bucket.flat, "sum")
         # Flags are written through numpy where the tail is in host memory: ~1 µs instead of ~5 for torch.
         self._tail = bucket.tail.numpy() if bucket.tail.device.type == "cpu" else None
@@ -335,26 +380,50 @@ class _GradientBucket:
                 params[i].grad = views[i]
                 self.carried[i] = False
         self.reduced = False
+        self._arrived = [False] * len(params)
+        self._waiting = len(params)
 
-    def allreduce(self, flags: FlagChannel) -> None:
-        """Sum the bucket over ranks, with this rank's gradient flags and ``flags``' outgoing value in its tail."""
-        bucket, received = self.bucket, self.received
+    def arrived(self, index: int) -> bool:
+        """Note that parameter ``index`` received a gradient; whether that made the bucket complete."""
+        self.received[index] = True
+        if self._arrived[index]:
+            return False
+        self._arrived[index] = True
+        self._waiting -= 1
+        return self._waiting == 0
+
+    @property
+    def complete(self) -> bool:
+        """Every parameter of the bucket received its gradient in this backward."""
+        return self._waiting == 0
+
+    def start(self, flags: FlagChannel, background: bool) -> None:
+        """Start summing the bucket over ranks (on the background thread, or now), with this rank's gradient flags
+        and ``flags``' outgoing value in its tail."""
+        bucket = self.bucket
         params = bucket.tensors
         grads = [p.grad for p in params]
         # The usual step: autograd accumulated every gradient into the bucket, so the flags are all ones.
-        in_bucket = all(received) and all(g is v for g, v in zip(grads, bucket.views))
-        tail = [1.0] * len(params) if in_bucket else self._gather_strays(grads)
+        self._in_bucket = all(self.received) and all(g is v for g, v in zip(grads, bucket.views))
+        tail = [1.0] * len(params) if self._in_bucket else self._gather_strays(grads)
         tail.append(1.0 if flags.outgoing else 0.0)
         if self._tail is not None:
             self._tail[:] = tail
         else:
             bucket.tail.copy_(torch.tensor(tail))
-        self._reduce()  # a plain sum of gradients already divided by N: see GradientAllreduce.loss_scale
+        # a plain sum of gradients already divided by N: see GradientAllreduce.loss_scale
+        (self._reduce.start if background else self._reduce.run)()
+
+    def finish(self, flags: FlagChannel) -> None:
+        """Wait for the started sum and hand out the averaged gradients."""
+        bucket, received = self.bucket, self.received
+        params = bucket.tensors
+        self._reduce.wait()
         self.reduced = True
         received[:] = [False] * len(received)
         *counts, flagged = (self._tail if self._tail is not None else bucket.tail).tolist()  # sums of 0/1 flags
         flags.deliver(flagged)
-        if in_bucket:  # every count is at least our own 1: the averaged gradients already are the bucket's views
+        if self._in_bucket:  # every count is at least our own 1: the averaged gradients already are the views
             self.carried[:] = [True] * len(self.carried)
             return
         for i, (p, view, count) in enumerate(zip(params, bucket.views, counts)):
@@ -378,13 +447,6 @@ class _GradientBucket:
                 if flag == 0.0:
                     view.zero_()
         return flags
-
-
-def _mark_received(received: list[bool], index: int) -> Callable[[Tensor], None]:
-    def mark(_: Tensor) -> None:
-        received[index] = True
-
-    return mark
 
 
 class ParameterAveraging(SyncPolicy):
@@ -429,7 +491,7 @@ class ParameterAveraging(SyncPolicy):
         self.steps = 0
         self.averagings = 0
         self._in_sync = True
-        self._gradients = GradientAllreduce(bucket_mb)
+        self._gradients = GradientAllreduce(bucket_mb, overlap=False)
         self._bucket_mb = bucket_mb
         self._module: Module | None = None
         self._model_buckets: list[Bucket] | None = None
@@ -462,9 +524,9 @@ class ParameterAveraging(SyncPolicy):
         if self.syncs_gradients:
             self._gradients.before_training_step(module, synchronised, source)
 
-    def before_backward(self, module: Module) -> None:
+    def before_backward(self, module: Module, synchronised: bool) -> None:
         if self.syncs_gradients:
-            self._gradients.before_backward(module)
+            self._gradients.before_backward(module, synchronised)
 
     def after_backward(self, module: Module, weight: float = 1.0) -> None:
         if self.syncs_gradients:
@@ -664,7 +726,8 @@ def make_policy(
     average_optimizer_state: bool = False,
     voting: str | None = None,
     seed: int | None = None,
-    bucket_mb: float = DEFAULT_BUCKET_MB,
+    bucket_mb: float | None = None,
+    overlap: bool | None = None,
 ) -> SyncPolicy:
     """The policy of ``MPIStrategy(sync=...)``, refusing options that belong to another mode."""
     averaging_options = every_n_steps is not None or every_n_epochs is not None or warmup_steps or average_optimizer_state
@@ -675,10 +738,13 @@ def make_policy(
         )
     if sync != "ensemble" and voting is not None:
         raise ValueError(f"voting={voting!r} only applies to MPIStrategy(sync='ensemble'), not sync={sync!r}.")
+    if sync != "allreduce" and overlap:
+        raise ValueError(f"overlap=True only applies to MPIStrategy(sync='allreduce'), not sync={sync!r}.")
     if sync == "allreduce":
-        return GradientAllreduce(bucket_mb)
+        return GradientAllreduce(bucket_mb, overlap)
     if sync == "average":
-        return ParameterAveraging(every_n_steps, every_n_epochs, warmup_steps, average_optimizer_state, bucket_mb)
+        averaging = (every_n_steps, every_n_epochs, warmup_steps, average_optimizer_state)
+        return ParameterAveraging(*averaging, bucket_mb or DEFAULT_BUCKET_MB)
     if sync == "ensemble":
         return Ensemble(voting or "hard", seed)
     raise ValueError(f"sync={sync!r} is not known: choose 'allreduce', 'average' or 'ensemble'.")

@@ -72,3 +72,11 @@ def test_tcp_transport_gives_the_same_results_as_shared_memory(suite_launches, t
     for case in CASES:
         for a, b in zip(shared_memory[case], tcp[case]):
             assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"]), case
+
+
+def test_overlapped_buckets_start_during_backward(trained):
+    _, results = trained
+    # overlap_sgd's bucket of the parameter without gradient waits for the end of backward, the others do not
+    for case in ("overlap_sgd", "overlap_accumulate", "overlap_manual_accumulate"):
+        assert all(r["overlapped_buckets"] > 0 for r in results[case]), case
+    assert all(r["overlapped_buckets"] == 0 for r in results["sgd_momentum"])  # one node: no overlap by default

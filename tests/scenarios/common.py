@@ -104,7 +104,13 @@ CASES = {
     "manual": ({"optimizer": "sgd", "manual": True}, {}, torch.float32),
     "manual_accumulate": ({"optimizer": "sgd", "manual": True, "step_every": 3}, {}, torch.float32),
     "float64": ({"optimizer": "adam", "lr": 0.02}, {"gradient_clip_val": 0.05}, torch.float64),
+    # the same training with communication overlapped with backward, in several small buckets
+    "overlap_sgd": ({"optimizer": "sgd"}, {}, torch.float32),
+    "overlap_accumulate": ({"optimizer": "sgd"}, {"accumulate_grad_batches": 2}, torch.float32),
+    "overlap_manual_accumulate": ({"optimizer": "sgd", "manual": True, "step_every": 3}, {}, torch.float32),
 }
+#: MPIStrategy's arguments per case (default: none)
+STRATEGY_OPTIONS = {case: {"overlap": True, "bucket_mb": 0.0002} for case in CASES if case.startswith("overlap_")}
 STEPS, BATCH = 20, 4
 
 
@@ -112,6 +118,9 @@ def build(case: str, log_rank: bool = False) -> tuple[Regressor, torch.dtype, di
     module_kwargs, trainer_kwargs, dtype = CASES[case]
     seed_everything(0)
     model = Regressor(**module_kwargs, log_rank=log_rank).to(dtype)
+    if case in ("overlap_accumulate", "overlap_manual_accumulate"):
+        # every parameter gets a gradient: every bucket completes during backward and starts then
+        model.unused.requires_grad_(False)
     return model, dtype, trainer_kwargs
 
 

@@ -12,6 +12,7 @@ from tests.scenarios.common import (
     BATCH,
     CASES,
     STEPS,
+    STRATEGY_OPTIONS,
     build,
     quiet_trainer,
     regression_data,
@@ -29,7 +30,8 @@ def main(out: Path) -> None:
         for p in model.net.parameters():
             p.data.add_(torch.randn_like(p) * 0.01 * comm.rank)
         data = regression_data(samples_needed(case, comm.size), dtype)
-        trainer = quiet_trainer(strategy=MPIStrategy(), max_steps=STEPS, **trainer_kwargs)
+        strategy = MPIStrategy(**STRATEGY_OPTIONS.get(case, {}))
+        trainer = quiet_trainer(strategy=strategy, max_steps=STEPS, **trainer_kwargs)
         trainer.fit(model, DataLoader(data, batch_size=BATCH, shuffle=True))
         gathered = trainer.strategy.all_gather(torch.tensor([comm.rank, 7]))
         save_rank_results(
@@ -42,6 +44,7 @@ def main(out: Path) -> None:
                 "rank_sum": trainer.callback_metrics["rank_sum"].item(),
                 "all_gather": gathered,
                 "global_step": trainer.global_step,
+                "overlapped_buckets": getattr(trainer.strategy.policy, "overlapped_buckets", 0),
             },
         )
 
