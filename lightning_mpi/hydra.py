@@ -73,6 +73,8 @@ class MPIStrategyConfig:
     seed: Optional[int] = None  # noqa: UP045
     bucket_mb: Optional[float] = None  # noqa: UP045
     overlap: Optional[bool] = None  # noqa: UP045
+    outer_optimizer: Any = None  # a factory: _target_ and _partial_: true (DiLoCo)
+    pseudo_gradient_dtype: Optional[str] = None  # noqa: UP045
     num_threads: Optional[int] = None  # noqa: UP045
     timeout: Optional[float] = 600.0  # noqa: UP045
     on_nonfinite: str = "ignore"

@@ -48,6 +48,11 @@ class MPIStrategy(ParallelStrategy):
             prediction combine the members by ``voting``.
         every_n_steps, every_n_epochs, warmup_steps, average_optimizer_state: options of ``sync="average"``,
             see :class:`~lightning_mpi.sync.ParameterAveraging`.
+        outer_optimizer: ``sync="average"`` as DiLoCo: a factory of the outer optimizer (e.g.
+            ``functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)``; Hydra: ``_partial_``) that
+            steps the averaged changes at every synchronisation (see :class:`~lightning_mpi.diloco.OuterStep`).
+        pseudo_gradient_dtype: with ``outer_optimizer``: ``"bfloat16"`` or ``"float16"`` sends the changes in half
+            precision (summed in float32).
         voting: ``"hard"`` (majority), ``"soft"`` (mean probability), ``"mean"`` or ``"median"`` (regression);
             only for ``sync="ensemble"``.
         seed: base seed of the ensemble members (default: the current torch seed); member ``r`` uses a seed
@@ -83,6 +88,8 @@ class MPIStrategy(ParallelStrategy):
         seed: int | None = None,
         bucket_mb: float | None = None,
         overlap: bool | None = None,
+        outer_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
+        pseudo_gradient_dtype: torch.dtype | str | None = None,
         num_threads: int | None = None,
         timeout: float | None = 600.0,
         on_nonfinite: str = "ignore",
@@ -93,7 +100,8 @@ class MPIStrategy(ParallelStrategy):
         precision_plugin: Precision | None = None,
     ) -> None:
         self._policy = make_policy(
-            sync, every_n_steps, every_n_epochs, warmup_steps, average_optimizer_state, voting, seed, bucket_mb, overlap
+            sync, every_n_steps, every_n_epochs, warmup_steps, average_optimizer_state, voting, seed, bucket_mb, overlap,
+            outer_optimizer, pseudo_gradient_dtype,
         )
         self._timeout = validate_timeout(timeout)
         factory: Callable[[], Communicator] = (lambda: communicator) if communicator else (lambda: world(self._timeout))

@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from lightning_mpi import voting
 from lightning_mpi.buffers import DEFAULT_BUCKET_MB, OVERLAP_BUCKET_MB, Bucket, ByteBucket, bucketize
 from lightning_mpi.comm import Communicator
+from lightning_mpi.diloco import OuterStep
 from lightning_mpi.sampling import gather_shards, shard_evaluation_dataloader
 from lightning_mpi.signals import FlagChannel
 
@@ -461,11 +462,17 @@ class ParameterAveraging(SyncPolicy):
     the floating-point optimizer state is averaged together with the parameters, so that after averaging every
     rank continues from identical optimizer state too (replicas then diverge only through their data).
 
+    With ``outer_optimizer`` (a factory such as ``functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9,
+    nesterov=True)``), averaging is DiLoCo's outer step (see :class:`~lightning_mpi.diloco.OuterStep`): the ranks' changes since the last
+    synchronisation are averaged and applied by that optimizer to the last synchronised parameters. Buffers are
+    averaged as without it; the inner optimizer is the module's own.
+
     Validation, test and checkpoints always see the averaged model. Between averaging points the ranks' local
     models are kept: evaluation averages into the model temporarily and restores the local weights afterwards;
     a checkpoint holds the averaged model, plus every rank's local model and optimizer state (also when it is
-    written during validation), so that a resumed fit continues exactly. Outside fit (``trainer.test(model,
-    ckpt_path=...)``), every rank evaluates the averaged model of the checkpoint.
+    written during validation), so that a resumed fit continues exactly (with DiLoCo also the outer optimizer's
+    state and the last synchronised parameters). Outside fit (``trainer.test(model, ckpt_path=...)``), every rank
+    evaluates the averaged model of the checkpoint.
     """
 
     name = "average"
@@ -477,6 +484,8 @@ class ParameterAveraging(SyncPolicy):
         warmup_steps: int = 0,
         average_optimizer_state: bool = False,
         bucket_mb: float = DEFAULT_BUCKET_MB,
+        outer_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
+        pseudo_gradient_dtype: torch.dtype | str | None = None,
     ) -> None:
         super().__init__()
         for label, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
@@ -498,6 +507,10 @@ class ParameterAveraging(SyncPolicy):
         self._broadcast_after_backward = False
         #: the local (not averaged) model while evaluation averages it temporarily
         self._local: list[Tensor] | None = None
+        self._outer = OuterStep(outer_optimizer, pseudo_gradient_dtype) if outer_optimizer is not None else None
+        if self._outer is None and pseudo_gradient_dtype is not None:
+            raise ValueError("pseudo_gradient_dtype only applies with an outer_optimizer (DiLoCo).")
+        self._rest_buckets: list[Bucket] | None = None
 
     @property
     def syncs_gradients(self) -> bool:  # type: ignore[override]
@@ -515,6 +528,9 @@ class ParameterAveraging(SyncPolicy):
             self._broadcast_after_backward = has_lazy_tensors(module) and comm.size > 1
         if not continuing:
             self._in_sync = True
+        self._rest_buckets = None
+        if self._outer is not None:
+            self._outer.attach(_trainable(module), restore=continuing)
 
     @property
     def loss_scale(self) -> float:
@@ -542,6 +558,8 @@ class ParameterAveraging(SyncPolicy):
     def after_optimizer_step(self, module: Module, optimizers: list[Optimizer]) -> None:
         self.steps += 1
         self._in_sync = self.steps <= self.warmup_steps and self._in_sync
+        if self._outer is not None and self.steps == self.warmup_steps:
+            self._outer.reset()  # the warm-up ends in sync: local changes count from here
         if self.every_n_steps is not None and self.steps > self.warmup_steps and self.steps % self.every_n_steps == 0:
             self.average(optimizers)
 
@@ -553,8 +571,13 @@ class ParameterAveraging(SyncPolicy):
         self.average(optimizers)
 
     def average(self, optimizers: list[Optimizer] = ()) -> None:
-        """Average the model (and, if chosen, optimizer state) over ranks, in place."""
-        self._average_model()
+        """Average the model (and, if chosen, optimizer state) over ranks, in place; with an outer optimizer, its
+        step on the averaged changes sets the parameters."""
+        if self._outer is None:
+            self._average_model()
+        else:
+            self._outer.step(self.comm, self._bucket_mb)
+            self._average_rest()
         if self.average_optimizer_state and self.comm.size > 1:
             _average_optimizer_state(self.comm, optimizers, self._bucket_mb)
         self.averagings += 1
@@ -567,11 +590,16 @@ class ParameterAveraging(SyncPolicy):
         return self._model_buckets
 
     def _average_model(self) -> None:
-        if self.comm.size == 1:
-            return
-        for bucket in self._buckets():
-            self.comm.allreduce_(bucket.pack(), "mean")
-            bucket.unpack()
+        _average(self.comm, self._buckets())
+
+    def _average_rest(self) -> None:
+        """Buffers and frozen parameters: what the outer optimizer does not step."""
+        if self._rest_buckets is None:
+            assert self._module is not None
+            trainable = {id(p) for p in _trainable(self._module)}
+            rest = [t for t in _floating_state(self._module) if id(t) not in trainable]
+            self._rest_buckets = bucketize(rest, self._bucket_mb)
+        _average(self.comm, self._rest_buckets)
 
     def _load(self, values: list[Tensor]) -> None:
         for bucket, saved in zip(self._buckets(), values):
@@ -612,12 +640,29 @@ class ParameterAveraging(SyncPolicy):
         return fitting  # outside fit, every rank evaluates the averaged model the checkpoint holds
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "averagings": self.averagings, "in_sync": self._in_sync}
+        state = {"steps": self.steps, "averagings": self.averagings, "in_sync": self._in_sync}
+        if self._outer is not None:
+            state["outer"] = self._outer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state.get("steps", 0))
         self.averagings = int(state.get("averagings", 0))
         self._in_sync = bool(state.get("in_sync", False))
+        if self._outer is not None and "outer" in state:
+            self._outer.load_state_dict(state["outer"])
+
+
+def _trainable(module: Module) -> list[Tensor]:
+    return [p for p in module.parameters() if p.requires_grad and p.is_floating_point()]
+
+
+def _average(comm: Communicator, buckets: list[Bucket]) -> None:
+    if comm.size == 1:
+        return
+    for bucket in buckets:
+        comm.allreduce_(bucket.pack(), "mean")
+        bucket.unpack()
 
 
 def _average_optimizer_state(comm: Communicator, optimizers: list[Optimizer], bucket_mb: float) -> None:
@@ -728,13 +773,18 @@ def make_policy(
     seed: int | None = None,
     bucket_mb: float | None = None,
     overlap: bool | None = None,
+    outer_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
+    pseudo_gradient_dtype: torch.dtype | str | None = None,
 ) -> SyncPolicy:
     """The policy of ``MPIStrategy(sync=...)``, refusing options that belong to another mode."""
-    averaging_options = every_n_steps is not None or every_n_epochs is not None or warmup_steps or average_optimizer_state
+    averaging_options = (
+        every_n_steps is not None or every_n_epochs is not None or warmup_steps or average_optimizer_state
+        or outer_optimizer is not None or pseudo_gradient_dtype is not None
+    )
     if sync != "average" and averaging_options:
         raise ValueError(
-            "every_n_steps, every_n_epochs, warmup_steps and average_optimizer_state only apply to "
-            f"MPIStrategy(sync='average', ...), not sync={sync!r}."
+            "every_n_steps, every_n_epochs, warmup_steps, average_optimizer_state, outer_optimizer and "
+            f"pseudo_gradient_dtype only apply to MPIStrategy(sync='average', ...), not sync={sync!r}."
         )
     if sync != "ensemble" and voting is not None:
         raise ValueError(f"voting={voting!r} only applies to MPIStrategy(sync='ensemble'), not sync={sync!r}.")
@@ -744,7 +794,7 @@ def make_policy(
         return GradientAllreduce(bucket_mb, overlap)
     if sync == "average":
         averaging = (every_n_steps, every_n_epochs, warmup_steps, average_optimizer_state)
-        return ParameterAveraging(*averaging, bucket_mb or DEFAULT_BUCKET_MB)
+        return ParameterAveraging(*averaging, bucket_mb or DEFAULT_BUCKET_MB, outer_optimizer, pseudo_gradient_dtype)
     if sync == "ensemble":
         return Ensemble(voting or "hard", seed)
     raise ValueError(f"sync={sync!r} is not known: choose 'allreduce', 'average' or 'ensemble'.")

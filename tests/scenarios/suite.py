@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from lightning_mpi.comm import world
-from tests.scenarios import checkpointing, collectives, combining, equivalence, evaluation, lightning_paths
+from tests.scenarios import checkpointing, collectives, combining, diloco, equivalence, evaluation, lightning_paths
 
 SCENARIOS = {
     "collectives": collectives.main,
@@ -17,6 +17,7 @@ SCENARIOS = {
     "combining": combining.main,
     "evaluation": evaluation.main,
     "checkpointing": checkpointing.main,
+    "diloco": diloco.main,
     "lightning_paths": lambda out: lightning_paths.main(out, []),
 }
 
