@@ -37,6 +37,8 @@ LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK
 _SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PALS_SIZE")
 # The PMIx namespace Slurm gives the tasks of a step started by srun --mpi=pmix ("slurm.pmix.<job>.<step>").
 _SLURM_PMIX_NAMESPACE = "slurm.pmix."
+#: Seconds a rank waits between writing why it aborts and calling MPI_Abort, for the launcher to forward the text.
+ABORT_GRACE = 0.5
 
 # dtypes MPI can reduce directly through numpy; 16-bit floats are reduced in float32 (numpy has no bfloat16,
 # and MPI implementations do not reliably reduce half precision).
@@ -512,6 +514,9 @@ class MPICommunicator(Communicator):
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        # What this rank just wrote still sits in the pipe to the launcher's proxy; an abort that reaches the
+        # launcher first tears the job down with the report unread (MPICH's Hydra loses it under load).
+        time.sleep(ABORT_GRACE)
         self._MPI.COMM_WORLD.Abort(code)
 
     def bytes_sent(self) -> int:
