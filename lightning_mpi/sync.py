@@ -169,10 +169,11 @@ class GradientAllreduce(SyncPolicy):
     With ``overlap``, communication runs while backward goes on, as under DDP and Horovod: buckets hold the
     parameters in reverse order (backward produces the last layers' gradients first), and each bucket is reduced
     on a background thread as soon as every gradient in it has arrived, in bucket order on every rank; the end
-    of backward waits for them (buckets with a parameter that got no gradient are reduced then). ``None``: on when
-    the job spans several nodes (on one node, shared memory makes communication too cheap to hide, and the thread
-    competes with backward for the cores). ``bucket_mb`` ``None``: one bucket of up to 25 MiB without overlap
-    (fewest calls), buckets of 4 MiB with it (the first one starts early).
+    of backward waits for them (buckets with a parameter that got no gradient are reduced then). ``None``: off.
+    Measured between 2 emulated nodes of one core each (README, "Gradients at network speed"), overlap did not
+    pay: MPI's progress engine polls the core that backward needs, and smaller buckets cost more calls; it may pay
+    where every rank has a core to spare. ``bucket_mb`` ``None``: one bucket of up to 25 MiB without overlap
+    (fewest calls), buckets of 16 MiB with it (the first one starts during backward).
     """
 
     name = "allreduce"
@@ -202,8 +203,7 @@ class GradientAllreduce(SyncPolicy):
         super().setup(comm, module, fitting, resuming)
         if not (fitting and resuming):  # a resumed fit loads one checkpoint on every rank: replicas already agree
             broadcast_module(comm, module)
-        wanted = self.overlap if self.overlap is not None else comm.num_nodes > 1
-        self._overlapping = wanted and comm.enable_background()
+        self._overlapping = bool(self.overlap) and comm.enable_background()
         self._buckets = None
         self._buffers = None
         self._buffers_stale = False
