@@ -8,6 +8,9 @@ Lightning has no public way to do these few things. Each is used through a funct
 from __future__ import annotations
 
 import functools
+import logging
+import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -76,3 +79,49 @@ def after_every_trainer_init(check: Callable[[Trainer], None]) -> None:
 
     checked_init.lightning_mpi = True  # type: ignore[attr-defined]
     Trainer.__init__ = checked_init  # type: ignore[method-assign]
+
+
+def keep_one_process_runs_away_from_mpi() -> None:
+    """Make Lightning's ``MPIEnvironment.detect()`` answer ``False`` unless an MPI launcher started this process (or
+    mpi4py has loaded MPI already). Idempotent.
+
+    Every ``Trainer()`` asks each cluster environment whether it applies; Lightning's MPI environment answers by
+    importing ``mpi4py.MPI``, which loads and initialises the MPI library even in a plain ``python train.py``, and
+    fails ("cannot load MPI library") where mpi4py is installed without any MPI. Only a launcher's process can be
+    one of several MPI ranks: elsewhere the answer is ``False`` without loading anything.
+    """
+    from lightning.fabric.plugins.environments import MPIEnvironment
+
+    detect = MPIEnvironment.detect
+    if getattr(detect, "lightning_mpi", False):
+        return
+
+    def detect_only_under_a_launcher() -> bool:
+        from lightning_mpi.comm import launched_by_mpi
+
+        return (launched_by_mpi() or "mpi4py.MPI" in sys.modules) and detect()
+
+    detect_only_under_a_launcher.lightning_mpi = True  # type: ignore[attr-defined]
+    detect_only_under_a_launcher.__wrapped__ = detect  # type: ignore[attr-defined]
+    MPIEnvironment.detect = staticmethod(detect_only_under_a_launcher)  # type: ignore[method-assign]
+
+
+#: Lightning's own warnings that say nothing to a user of lightning-mpi and that Lightning does not filter itself:
+#: (message regex, category, module regex). Lightning 2.6 still builds ``torch.utils._pytree.LeafSpec``, which
+#: recent torch releases deprecate (a ``FutureWarning`` at the first ``trainer.predict``).
+FOREIGN_WARNINGS = (
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
+)
+
+
+def ignore_foreign_warnings() -> None:
+    """Filter :data:`FOREIGN_WARNINGS` (the filters match only those messages, from those modules)."""
+    for message, category, module in FOREIGN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+def lightning_loggers() -> list[logging.Logger]:
+    """The loggers Lightning prints through (``Seed set to 0``, ``GPU available: ...``). Lightning gives each a
+    console handler of its own (the subpackages' only when the root logger had none when Lightning was imported;
+    the ``lightning`` package's always, which its subpackages reach once they propagate)."""
+    return [logging.getLogger(name) for name in ("lightning", "lightning.pytorch", "lightning.fabric")]

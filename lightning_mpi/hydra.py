@@ -8,8 +8,9 @@ different run directories), and every rank writes ``.hydra/`` and appends to one
   by the ``${mpi_stamp:}`` resolver: use it in ``hydra.run.dir`` and ``hydra.sweep.dir``;
 - the ``mpi_hydra`` config (add ``- mpi_hydra`` to the defaults list): under an MPI launcher, ranks > 0 get
   ``hydra.output_subdir=null``, log to ``<job>.rank<r>.log`` in the same job directory and print nothing to the
-  console (Python warnings included); its values are the same strings on every rank (the rank is read by
-  resolvers), so ``multirun.yaml`` is identical on every rank;
+  console (Python warnings, Lightning's messages and Hydra's sweep lines included: see
+  :mod:`lightning_mpi.console`); its values are the same strings on every rank (the rank is read by resolvers),
+  so ``multirun.yaml`` is identical on every rank;
 - the ``strategy/mpi_strategy`` config: the typed schema of :class:`~lightning_mpi.MPIStrategy`'s arguments, for an
   application's strategy configs to extend (``defaults: [mpi_strategy]``), so that a misspelt key fails when the
   configuration is composed;
@@ -28,7 +29,6 @@ Resolvers only read values fixed before Hydra started: they never communicate.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -37,6 +37,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning_mpi import console
 from lightning_mpi.comm import launched_by_mpi, launcher_rank
 
 STAMP_VARIABLE = "LIGHTNING_MPI_RUN_STAMP"
@@ -51,6 +52,7 @@ _SUBMITIT_VARIABLE = "SUBMITIT_EXECUTOR"
 PER_RANK_HYDRA = {
     "hydra": {
         "output_subdir": "${mpi_rank_zero_only:.hydra}",
+        "hydra_logging": {"root": {"handlers": "${mpi_hydra_log_handlers:}"}},  # "Launching N jobs", "#i : ..."
         "job_logging": {
             "handlers": {"file": {"filename": "${hydra.runtime.output_dir}/${hydra.job.name}${mpi_rank_suffix:}.log"}},
             "root": {"handlers": "${mpi_log_handlers:}"},
@@ -126,6 +128,7 @@ def register_resolvers() -> None:
         "mpi_rank_suffix": lambda: f".rank{launcher_rank()}" if launcher_rank() else "",
         "mpi_rank_zero_only": lambda value: value if launcher_rank() == 0 else None,
         "mpi_log_handlers": lambda: ["console", "file"] if launcher_rank() == 0 else ["file"],
+        "mpi_hydra_log_handlers": lambda: ["console"] if launcher_rank() == 0 else [],
     }
     for name, resolver in resolvers.items():
         # The stamp is cached as Hydra's ${now:} is: a launcher that composes each job's configuration again
@@ -260,8 +263,7 @@ def mpi_hydra_main(
             _check_per_rank_settings(hydra_config)
             if in_submitit_slurm_job(hydra_config):
                 _check_launch(in_task=True)
-            if launcher_rank() > 0:
-                logging.captureWarnings(True)  # into this rank's log file instead of the shared console
+            console.into_rank_log(launcher_rank())  # ranks > 0: into this rank's log file, not the shared console
             return task(cfg)
 
         main = hydra.main(config_path=config_path, config_name=config_name, version_base=version_base)(checked)
@@ -270,6 +272,7 @@ def mpi_hydra_main(
         def entry() -> Any:
             mpi = launched_by_mpi()
             if mpi:
+                console.hold_warnings(launcher_rank())  # until the job's logging can send them to the rank's log
                 _check_argv(sys.argv[1:])
                 run_stamp()  # the only collective, before Hydra resolves anything
             _check_launch(in_task=False)
