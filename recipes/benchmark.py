@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightning_mpi.files import save_figure
+from lightning_mpi.files import save_figure, write_atomically
 
 WORKLOADS = {
     # name: (samples, per-rank batch, timed epochs); sizes of the recipes (752 LSTM windows, 3,200 CNN images).
@@ -37,6 +37,7 @@ VARIANTS = ("mpi_allreduce", "mpi_average", "ceiling", "plain_lightning", "ddp_g
 # plain_lightning: a default single-device Trainer per rank on the rank's shard, no MPIStrategy at all - at 1 rank
 # the run a user makes without MPI, at N ranks Lightning's own floor for N processes that never communicate.
 SIZES_KB = (4, 64, 256, 1024, 4096, 25600)
+_WRITTEN = ("results.json", "benchmark.md", "epoch_time.png", "allreduce.png")
 
 
 # -- workloads ---------------------------------------------------------------------------------------------
@@ -108,8 +109,15 @@ def lightning_epochs(workload: str, variant: str, epochs: int) -> list[float]:
     }[variant]()
     timer = epoch_timer()
     trainer = Trainer(
-        accelerator="cpu", strategy=strategy, max_epochs=epochs + 1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
+        accelerator="cpu",
+        strategy=strategy,
+        max_epochs=epochs + 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        num_sanity_val_steps=0,
         **({"devices": _world()[1]} if variant == "ddp_gloo" else {}),
     )
     trainer.fit(module, DataLoader(data, batch_size=batch, shuffle=True))
@@ -257,7 +265,10 @@ def worker(args: argparse.Namespace) -> None:
         for variant, values in medians.items():
             results["epochs"][f"{workload}/{variant}"] = statistics.median(values)
             if rank == 0:
-                print(f"{size} ranks {workload:5s} {variant:14s} {statistics.median(values) * 1000:9.1f} ms/epoch", flush=True)
+                print(
+                    f"{size} ranks {workload:5s} {variant:14s} {statistics.median(values) * 1000:9.1f} ms/epoch",
+                    flush=True,
+                )
     if size > 1 and args.micro:
         import torch.distributed as dist
 
@@ -265,7 +276,7 @@ def worker(args: argparse.Namespace) -> None:
             _init_gloo()
         results["allreduce"] = allreduce_micro(args.repeats * 10)
     if rank == 0:
-        Path(args.worker_out).write_text(json.dumps(results, indent=1))
+        write_atomically(args.worker_out, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
 
 
 # -- orchestration and report --------------------------------------------------------------------------------
@@ -275,8 +286,20 @@ def launch(args: argparse.Namespace, ranks: int, out: Path) -> dict[str, Any]:
     target = out / f"ranks{ranks}.json"
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_btl="^ofi")
     cmd = [
-        "mpirun", "-n", str(ranks), "--oversubscribe", sys.executable, __file__, "--worker-out", str(target),
-        "--epochs", str(args.epochs), "--repeats", str(args.repeats), "--workloads", *args.workloads,
+        "mpirun",
+        "-n",
+        str(ranks),
+        "--oversubscribe",
+        sys.executable,
+        __file__,
+        "--worker-out",
+        str(target),
+        "--epochs",
+        str(args.epochs),
+        "--repeats",
+        str(args.repeats),
+        "--workloads",
+        *args.workloads,
         "--micro" if args.micro else "--no-micro",
     ]
     subprocess.run(cmd, check=True, env=env, timeout=args.timeout)
@@ -309,14 +332,18 @@ def report(results: dict[int, dict[str, Any]], out: Path) -> str:
         get = lambda v, w=workload: top.get(f"{w}/{v}")
         if get("mpi_allreduce") is None:
             continue
-        parts = [f"**{workload}**: allreduce/DDP {get('mpi_allreduce') / get('ddp_gloo'):.2f}" if get("ddp_gloo") else ""]
+        parts = [
+            f"**{workload}**: allreduce/DDP {get('mpi_allreduce') / get('ddp_gloo'):.2f}" if get("ddp_gloo") else ""
+        ]
         if get("ceiling"):
             parts.append(f"allreduce/ceiling {get('mpi_allreduce') / get('ceiling'):.2f}")
             parts.append(f"average/ceiling {get('mpi_average') / get('ceiling'):.2f}")
         parts.append(f"allreduce/hand-written {get('mpi_allreduce') / get('handwritten'):.2f}")
         if get("ceiling") and get("ddp_gloo") and get("handwritten"):
-            parts.append(f"floors: ceiling/DDP {get('ceiling') / get('ddp_gloo'):.2f}, "
-                         f"ceiling/hand-written {get('ceiling') / get('handwritten'):.2f}")
+            parts.append(
+                f"floors: ceiling/DDP {get('ceiling') / get('ddp_gloo'):.2f}, "
+                f"ceiling/hand-written {get('ceiling') / get('handwritten'):.2f}"
+            )
         for label, key in (("1-rank plain Lightning", "plain_lightning"), ("1-rank hand-written", "handwritten")):
             if sequential.get(f"{workload}/{key}") and get("ceiling"):
                 change = 100 * (get("ceiling") / sequential[f"{workload}/{key}"] - 1)
@@ -325,12 +352,15 @@ def report(results: dict[int, dict[str, Any]], out: Path) -> str:
     micro = results[ranks[-1]].get("allreduce")
     if micro:
         lines += ["", f"Allreduce of float32 gradients at {ranks[-1]} ranks (µs per call):", ""]
-        lines += ["| KB | raw mpi4py | strategy | strategy, no watchdog | gloo | strategy/raw |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| KB | raw mpi4py | strategy | strategy, no watchdog | gloo | strategy/raw |",
+            "|---|---|---|---|---|---|",
+        ]
         for kb in SIZES_KB:
             row = [micro[k][str(kb)] * 1e6 for k in ("raw_mpi4py", "strategy", "strategy_no_watchdog", "gloo")]
             lines.append(f"| {kb} | " + " | ".join(f"{v:.1f}" for v in row) + f" | {row[1] / row[0]:.2f} |")
     text = "\n".join(lines) + "\n"
-    (out / "benchmark.md").write_text(text)
+    write_atomically(out / "benchmark.md", lambda tmp: tmp.write_text(text))
     _plots(results, out)
     return text
 
@@ -345,7 +375,11 @@ def _rank_table(ranks: list[int], cell: Callable[[str, str, int], float | None],
         for variant in VARIANTS:
             cells = [cell(workload, variant, r) for r in ranks]
             if any(c is not None for c in cells):
-                lines.append(f"| {workload} | {variant} | " + " | ".join("" if c is None else fmt.format(c) for c in cells) + " |")
+                lines.append(
+                    f"| {workload} | {variant} | "
+                    + " | ".join("" if c is None else fmt.format(c) for c in cells)
+                    + " |"
+                )
     return lines
 
 
@@ -400,9 +434,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    parser.add_argument("--epochs", type=float, default=1.0, help="scales each workload's timed epochs (after a warm-up)")
+    parser.add_argument(
+        "--epochs", type=float, default=1.0, help="scales each workload's timed epochs (after a warm-up)"
+    )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--micro", action=argparse.BooleanOptionalAction, default=True, help="allreduce micro-benchmark")
+    parser.add_argument(
+        "--micro", action=argparse.BooleanOptionalAction, default=True, help="allreduce micro-benchmark"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -412,8 +450,10 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     results = {r: launch(args, r, args.out) for r in args.ranks}
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    write_atomically(args.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
     print(report(results, args.out))
+    written = ", ".join(p.name for p in sorted(args.out.glob("*")) if p.name in _WRITTEN)
+    print(f"benchmark of {', '.join(map(str, args.ranks))} rank(s): wrote {written} in {args.out}")
 
 
 if __name__ == "__main__":

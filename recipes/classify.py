@@ -5,12 +5,14 @@
     mpirun -n 2 python recipes/classify.py experiment=kfold
 
 Rank 0 writes ``result.json`` (metrics of the model or ensemble and of every member, times, ranks, config)
-and ``confusion_matrix.png`` into the run directory. The logic is :func:`run`, importable without Hydra's
+and ``confusion_matrix.png`` into the run directory, and ends with one line (console and the job's log): the
+accuracy, the training time and where the files are. The logic is :func:`run`, importable without Hydra's
 command line.
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ from hydra_configs import register as register_configs
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.strategies import Strategy
 from omegaconf import DictConfig, OmegaConf
+from runs import shown
 from torch import Tensor
 
 from lightning_mpi import MPIStrategy, hard_vote
@@ -225,9 +228,32 @@ def _write(result: dict[str, Any], out: Path) -> None:
     plot_confusion_matrix(result["confusion_matrix"], out / "confusion_matrix.png", title)
 
 
+def summary(result: dict[str, Any], out: Path) -> str:
+    """The run in one line: what ran on how many ranks, its test accuracy, its time, where the files are."""
+    ranks = "1 process" if result["ranks"] == 1 else f"{result['ranks']} ranks"
+    head = f"{result['experiment']} on {result['data']}, {ranks}"
+    where = f"; results in {shown(out)}"
+    if result["mode"] == "kfold":
+        if "metrics" not in result:  # ranks > 0: rank 0 combines the folds
+            return f"{head}: k-fold {result['kfold_time_s']:.1f} s (scores on rank 0){where}"
+        return (
+            f"{head}, {result['folds']} folds: held-out accuracy {100 * result['fold_acc_mean']:.2f} ± "
+            f"{100 * result['fold_acc_std']:.2f} %, fold ensemble {100 * result['metrics']['acc']:.2f} %, averaged "
+            f"weights {100 * result['averaged_weights']['acc']:.2f} %, k-fold {result['kfold_time_s']:.1f} s{where}"
+        )
+    members = [100 * m["acc"] for m in result["members"]]
+    spread = f" (members {min(members):.2f}-{max(members):.2f} %)" if len(members) > 1 else ""
+    return (
+        f"{head}, {result['sync']}: test accuracy {100 * result['metrics']['acc']:.2f} %{spread}, "
+        f"F1 {result['metrics']['f1']:.4f}, training {result['train_time_s']:.1f} s{where}"
+    )
+
+
 @mpi_hydra_main(config_path="../conf/classification", config_name="config")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    result = run(cfg)
+    # Hydra's job logging: rank 0's console and the job's log; ranks > 0 their own <job>.rank<r>.log
+    logging.getLogger(__name__).info(summary(result, job_output_dir(cfg)))
 
 
 if __name__ == "__main__":

@@ -1,113 +1,195 @@
 """Tables and plots from the ``result.json`` files written by ``recipes/classify.py``.
 
-    python recipes/classify_report.py /tmp/classify --out /tmp/classify/report
+    python recipes/classify_report.py /tmp/classify [--out /tmp/classify/report]
 
-Runs are grouped by (experiment, data) and compared over their number of ranks; the 1-rank run of a group
-is the sequential baseline. Prints the markdown and writes ``report.md`` and the plots into ``--out``.
+Runs are grouped by (mode, experiment, data) into sections and compared over their number of ranks; the 1-rank
+run of a section is the sequential baseline. Every configuration keeps its own row (any setting that differs
+between the runs, such as epochs, is shown); runs that differ only in their seed share a row: the median
+[min-max] over the seeds. Files that cannot be placed are named in warnings. Prints the markdown, writes
+``report.md`` and the plots into ``--out`` (default: ``report/`` inside the first directory given) and says where.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_mpi.files import save_figure
+from runs import Run, describe, flatten, load_runs, repeated_seeds, seeds_text, setting, spread, varying_keys, warn
+
+from lightning_mpi.files import save_figure, write_atomically
 
 Result = dict[str, Any]
+Section = tuple[str, str, str]  # (mode, experiment, data)
 
 
-def load_results(paths: Iterable[str | Path]) -> list[Result]:
-    """Every ``result.json`` given directly or found under the given directories."""
-    files: list[Path] = []
-    for path in map(Path, paths):
-        files += sorted(path.rglob("result.json")) if path.is_dir() else [path]
-    return [json.loads(f.read_text()) for f in files]
+def accept(result: Result) -> str | None:
+    """``None`` for a classification result, else why it is not one."""
+    if "mode" not in result:
+        return "not a result of recipes/classify.py (forecasting results: recipes/report.py)"
+    needed = ("experiment", "data", "ranks", "metrics") + (("train_time_s",) if result["mode"] == "train" else ())
+    missing = [key for key in needed if key not in result]
+    return f"incomplete classification result (no {', '.join(missing)})" if missing else None
 
 
-def group(results: Iterable[Result]) -> dict[tuple[str, str, str], list[Result]]:
-    """Results keyed by (mode, experiment, data), each list sorted by ranks (the latest run per rank count wins)."""
-    groups: dict[tuple[str, str, str], dict[int, Result]] = defaultdict(dict)
-    for r in results:
-        groups[(r["mode"], r["experiment"], r["data"])][r["ranks"]] = r
-    return {key: [runs[n] for n in sorted(runs)] for key, runs in sorted(groups.items())}
+@dataclass
+class Row:
+    """The runs of one configuration (several seeds, or one run) within a section."""
+
+    ranks: int
+    setting: tuple[tuple[str, Hashable], ...]
+    runs: list[Run]
+
+    @property
+    def seeds(self) -> str:
+        return seeds_text(self.runs)
 
 
-def _baseline(runs: Sequence[Result], key: str) -> float | None:
-    return next((r[key] for r in runs if r["ranks"] == 1), None)
+def _as_run(item: Result | Run) -> Run:
+    if isinstance(item, Run):
+        return item
+    return Run(Path("<memory>"), item, flatten(item.get("config") or {}))
 
 
-def _mean_cpu(run: Result) -> float:
+def _section(run: Run) -> Section:
+    return (run["mode"], run["experiment"], run["data"])
+
+
+def group(results: Iterable[Result | Run]) -> tuple[dict[Section, list[Row]], list[str]]:
+    """Rows per section, sorted by ranks then setting; and warnings for configurations run twice with one seed."""
+    runs = [_as_run(r) for r in results]
+    keys = varying_keys(runs, lambda r: (_section(r), r["ranks"], r.result.get("sync")))
+    sections: dict[Section, dict[tuple[Any, ...], Row]] = defaultdict(dict)
+    for run in runs:
+        values = setting(run, keys)
+        row = sections[_section(run)].setdefault((run["ranks"], values), Row(run["ranks"], values, []))
+        row.runs.append(run)
+    warnings = repeated_seeds(runs, lambda r: (_section(r), r["ranks"], setting(r, keys)))
+    ordered = {
+        key: sorted(rows.values(), key=lambda row: (row.ranks, repr(row.setting)))
+        for key, rows in sorted(sections.items())
+    }
+    return ordered, warnings
+
+
+def _median(runs: Iterable[Run], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def _baseline(rows: Sequence[Row], row: Row, key: str = "train_time_s") -> float | None:
+    """The median ``key`` of the 1-rank row with the same setting (or any 1-rank row): the sequential model."""
+    ones = [r for r in rows if r.ranks == 1]
+    same = [r for r in ones if r.setting == row.setting] or ones
+    return _median(same[0].runs, key) if same else None
+
+
+def _mean_cpu(run: Run) -> float:
     """CPU seconds of training per rank: the work, unaffected by other jobs sharing the cores."""
     cpu = run["train_cpu_per_rank_s"]
     return sum(cpu) / len(cpu)
 
 
-def ensemble_table(runs: Sequence[Result]) -> str:
-    """Accuracy of the ensemble and of its members, and training time reduced against the 1-rank model."""
-    base = _baseline(runs, "train_time_s")
-    lines = [
-        (
-            "| Ranks | Ensemble acc. | Members acc. (min-max) | Precision | Recall | F1 | Training time (s) "
-            "| Time reduction | CPU s / rank |"
-        ),
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in runs:
-        m, accs = r["metrics"], [member["acc"] for member in r["members"]]
-        reduction = f"{100 * (1 - r['train_time_s'] / base):.2f} %" if base else "-"
+def _percent(runs: Sequence[Run], read: Any) -> str:
+    return spread(runs, read).format("{:.2f}", scale=100, unit=" %")
+
+
+def _head(rows: Sequence[Row], columns: Sequence[str]) -> list[str]:
+    """Header lines; a Setting column where rows differ in more than their ranks."""
+    setting = ["Setting"] if any(r.setting for r in rows) else []
+    names = ["Ranks", *setting, "Seeds", *columns]
+    return ["| " + " | ".join(names) + " |", "|" + "---:|" * len(names)]
+
+
+def _lead(rows: Sequence[Row], row: Row) -> str:
+    setting = [describe(row.setting) or "-"] if any(r.setting for r in rows) else []
+    return "| " + " | ".join([str(row.ranks), *setting, row.seeds]) + " | "
+
+
+def ensemble_table(rows: Sequence[Row]) -> str:
+    """Accuracy of the ensemble (median [min-max] over seeds) and of its members (lowest-highest member of any
+    seed), macro scores (medians), and the training time reduced against the 1-rank model (medians)."""
+    lines = _head(
+        rows,
+        [
+            "Ensemble acc.",
+            "Members acc. (min-max)",
+            "Precision",
+            "Recall",
+            "F1",
+            "Training time (s)",
+            "Time reduction",
+            "CPU s / rank",
+        ],
+    )
+    for row in rows:
+        runs, base = row.runs, _baseline(rows, row)
+        members = [m["acc"] for r in runs for m in r["members"]]
+        time = _median(runs, "train_time_s")
+        reduction = f"{100 * (1 - time / base):.2f} %" if base else "-"
         lines.append(
-            f"| {r['ranks']} | {100 * m['acc']:.2f} % | {100 * min(accs):.2f}-{100 * max(accs):.2f} % | "
-            f"{m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {r['train_time_s']:.1f} | {reduction} | "
-            f"{_mean_cpu(r):.1f} |"
+            _lead(rows, row)
+            + f"{_percent(runs, lambda r: r['metrics']['acc'])} | {100 * min(members):.2f}-{100 * max(members):.2f} % | "
+            + " | ".join(
+                f"{statistics.median(r['metrics'][k] for r in runs):.4f}" for k in ("precision", "recall", "f1")
+            )
+            + f" | {spread(runs, lambda r: r['train_time_s']).format('{:.1f}')} | {reduction} | "
+            + f"{statistics.median(map(_mean_cpu, runs)):.1f} |"
         )
     return "\n".join(lines)
 
 
-def speedup_table(runs: Sequence[Result]) -> str:
-    """Speed-up ``T1 / Tn`` and efficiency ``speed-up / n`` of the training time, with the accuracy reached."""
-    base = _baseline(runs, "train_time_s")
-    lines = [
-        "| Ranks | Training time (s) | Speed-up | Efficiency | CPU s / rank | Accuracy | F1 |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in runs:
-        speedup = base / r["train_time_s"] if base else float("nan")
+def speedup_table(rows: Sequence[Row]) -> str:
+    """Speed-up ``T1 / Tn`` and efficiency ``speed-up / n`` of the median training times, with the accuracy."""
+    lines = _head(rows, ["Training time (s)", "Speed-up", "Efficiency", "CPU s / rank", "Accuracy", "F1"])
+    for row in rows:
+        runs, base = row.runs, _baseline(rows, row)
+        speedup = base / _median(runs, "train_time_s") if base else float("nan")
         lines.append(
-            f"| {r['ranks']} | {r['train_time_s']:.1f} | {speedup:.2f} | {speedup / r['ranks']:.2f} | {_mean_cpu(r):.1f} | "
-            f"{100 * r['metrics']['acc']:.2f} % | {r['metrics']['f1']:.4f} |"
+            _lead(rows, row)
+            + f"{spread(runs, lambda r: r['train_time_s']).format('{:.1f}')} | {speedup:.2f} | "
+            + f"{speedup / row.ranks:.2f} | {statistics.median(map(_mean_cpu, runs)):.1f} | "
+            + f"{_percent(runs, lambda r: r['metrics']['acc'])} | {statistics.median(r['metrics']['f1'] for r in runs):.4f} |"
         )
     return "\n".join(lines)
 
 
-def kfold_table(runs: Sequence[Result]) -> str:
-    """Fold scores (mean and spread) and test scores of the fold ensemble and of the averaged weights."""
-    lines = [
-        (
-            "| Ranks | Folds | Held-out acc. (mean ± sd) | Fold ensemble test acc. | Averaged weights test acc. "
-            "| k-fold time (s) | Sum of fold times (s) |"
-        ),
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in runs:
+def kfold_table(rows: Sequence[Row]) -> str:
+    """Fold scores (mean ± sd over folds; over seeds: their medians) and the test scores of the fold ensemble and
+    of the averaged weights."""
+    lines = _head(
+        rows,
+        [
+            "Held-out acc. (mean ± sd)",
+            "Fold ensemble test acc.",
+            "Averaged weights test acc.",
+            "k-fold time (s)",
+            "Sum of fold times (s)",
+            "Folds",
+        ],
+    )
+    for row in rows:
+        runs = row.runs
+        held_out = f"{100 * _median(runs, 'fold_acc_mean'):.2f} ± {100 * _median(runs, 'fold_acc_std'):.2f} %"
         lines.append(
-            f"| {r['ranks']} | {r['folds']} | {100 * r['fold_acc_mean']:.2f} ± {100 * r['fold_acc_std']:.2f} % | "
-            f"{100 * r['metrics']['acc']:.2f} % | {100 * r['averaged_weights']['acc']:.2f} % | "
-            f"{r['kfold_time_s']:.1f} | {r['train_time_sum_s']:.1f} |"
+            _lead(rows, row)
+            + f"{held_out} | {_percent(runs, lambda r: r['metrics']['acc'])} | "
+            + f"{_percent(runs, lambda r: r['averaged_weights']['acc'])} | {_median(runs, 'kfold_time_s'):.1f} | "
+            + f"{_median(runs, 'train_time_sum_s'):.1f} | {'/'.join(sorted({str(r['folds']) for r in runs}))} |"
         )
     return "\n".join(lines)
 
 
-def table(mode: str, experiment: str, runs: Sequence[Result]) -> str:
+def table(mode: str, rows: Sequence[Row]) -> str:
     """The table that fits the runs: k-fold, ensemble (several members) or data-parallel speed-up."""
     if mode == "kfold":
-        return kfold_table(runs)
-    if any(r["sync"] == "ensemble" for r in runs):
-        return ensemble_table(runs)
-    return speedup_table(runs)
+        return kfold_table(rows)
+    if any(r.result.get("sync") == "ensemble" for row in rows for r in row.runs):
+        return ensemble_table(rows)
+    return speedup_table(rows)
 
 
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], path: Path, title: str) -> None:
@@ -121,44 +203,109 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], path: Path, title: st
         for j in range(n):
             colour = "white" if matrix[i][j] > peak / 2 else "black"
             ax.text(j, i, str(matrix[i][j]), ha="center", va="center", fontsize=7, color=colour)
-    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted class", ylabel="true class", title=title)
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted class", ylabel="true class")
+    ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
-def plot_scaling(runs: Sequence[Result], path: Path, title: str) -> None:
-    """Speed-up and efficiency of the training time against the number of ranks, with the ideal line."""
+def _series(rows: Sequence[Row]) -> dict[tuple[tuple[str, Hashable], ...], list[Row]]:
+    """Rows by setting: one line per setting, over the ranks."""
+    series: dict[tuple[tuple[str, Hashable], ...], list[Row]] = defaultdict(list)
+    for row in rows:
+        series[row.setting].append(row)
+    return series
+
+
+def plot_scaling(rows: Sequence[Row], path: Path, title: str) -> None:
+    """Speed-up and efficiency of the median training time against the number of ranks, with the ideal line."""
     plt = _pyplot()
-    base = _baseline(runs, "train_time_s")
-    ranks = [r["ranks"] for r in runs]
-    speedup = [base / r["train_time_s"] for r in runs] if base else [float("nan")] * len(runs)
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
-    left.plot(ranks, speedup, "o-", label="measured")
-    left.plot(ranks, ranks, "--", color="grey", label="ideal")
-    left.set(xlabel="ranks", ylabel="speed-up", title="speed-up", xticks=ranks)
-    left.legend()
-    right.plot(ranks, [s / n for s, n in zip(speedup, ranks)], "o-")
+    ranks_all = sorted({row.ranks for row in rows})
+    for values, line in _series(rows).items():
+        base = _baseline(rows, line[0])
+        ranks = [row.ranks for row in line]
+        speedup = [base / _median(row.runs, "train_time_s") if base else float("nan") for row in line]
+        label = describe(values) or "measured"
+        left.plot(ranks, speedup, "o-", label=label)
+        right.plot(ranks, [s / n for s, n in zip(speedup, ranks)], "o-", label=label)
+    left.plot(ranks_all, ranks_all, "--", color="grey", label="ideal")
+    left.set(
+        xlabel="ranks",
+        ylabel="speed-up (median training times)",
+        title="speed-up",
+        xticks=ranks_all,
+        ylim=(0, max(ranks_all) + 0.5),
+    )
+    left.legend(fontsize=8)
     right.axhline(1.0, ls="--", color="grey")
-    right.set(xlabel="ranks", ylabel="efficiency", title="efficiency", xticks=ranks, ylim=(0, 1.1))
+    right.set(xlabel="ranks", ylabel="efficiency", title="efficiency", xticks=ranks_all, ylim=(0, 1.1))
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
-def plot_accuracy(runs: Sequence[Result], path: Path, title: str) -> None:
-    """Accuracy of the combined model and the range of its members against the number of ranks."""
+def accuracy_limits(values: Sequence[float]) -> tuple[float, float]:
+    """Y limits (percent) that show every value on an axis at least 10 points tall ending at 100 %: differences of a
+    point or two look like what they are.
+
+    >>> accuracy_limits([97.3, 98.25])
+    (90.0, 100.5)
+    >>> accuracy_limits([45.0, 95.0])
+    (40.0, 100.5)
+    """
+    floor = 5 * int((min(values) - 1) // 5)  # a multiple of 5 at least a point below the lowest value
+    return float(min(floor, 90)), 100.5
+
+
+def plot_accuracy(rows: Sequence[Row], path: Path, title: str) -> None:
+    """Test accuracy against the number of ranks: the ensemble (median over seeds, with the [min-max] range as an
+    error bar) and every member of every seed as a dot."""
     plt = _pyplot()
-    ranks = [r["ranks"] for r in runs]
-    fig, ax = plt.subplots(figsize=(5, 3.8))
-    ax.plot(ranks, [100 * r["metrics"]["acc"] for r in runs], "o-", label="ensemble / model")
-    low = [100 * min(m["acc"] for m in r["members"]) for r in runs]
-    high = [100 * max(m["acc"] for m in r["members"]) for r in runs]
-    ax.fill_between(ranks, low, high, alpha=0.25, label="members (min-max)")
-    ax.set(xlabel="ranks", ylabel="test accuracy (%)", title=title, xticks=ranks)
-    ax.legend()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    shown: list[float] = []
+    series = _series(rows)
+    for k, (values, line) in enumerate(series.items()):
+        shift = (k - (len(series) - 1) / 2) * 0.08
+        ranks = [row.ranks + shift for row in line]
+        accs = [spread(row.runs, lambda r: 100 * r["metrics"]["acc"]) for row in line]
+        medians = [s.median for s in accs]
+        name = "ensemble / model" + (f" ({describe(values)})" if values else "")
+        several = any(len(row.runs) > 1 for row in line)
+        ax.errorbar(
+            ranks,
+            medians,
+            yerr=[[s.median - s.low for s in accs], [s.high - s.median for s in accs]],
+            fmt="o-",
+            capsize=4,
+            label=name + (": median, bar min-max over seeds" if several else ""),
+        )
+        for x, s in zip(ranks, accs):
+            ax.annotate(f"{s.median:.2f}", (x, s.median), textcoords="offset points", xytext=(8, 6), fontsize=8)
+        members = [(row.ranks + shift, 100 * m["acc"]) for row in line for r in row.runs for m in r["members"]]
+        ax.scatter(
+            [x + 0.12 for x, _ in members],
+            [y for _, y in members],
+            s=12,
+            color="grey",
+            alpha=0.6,
+            label="members (one dot per member and seed)" if k == 0 else None,
+        )
+        shown += [s.low for s in accs] + [y for _, y in members]
+    ranks_all = sorted({row.ranks for row in rows})
+    ax.set(
+        xlabel="ranks",
+        ylabel="test accuracy (%)",
+        xticks=ranks_all,
+        ylim=accuracy_limits(shown),
+        xlim=(min(ranks_all) - 0.5, max(ranks_all) + 0.5),
+    )
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
@@ -173,31 +320,60 @@ def _pyplot() -> Any:
     return plt
 
 
-def report(results: Iterable[Result], out: Path) -> str:
-    """The markdown of every group of runs; plots and ``report.md`` are written into ``out``."""
+def report(results: Iterable[Result | Run], out: Path) -> str:
+    """The markdown of every section; plots and ``report.md`` are written into ``out``."""
+    sections, warnings = group(results)
+    warn(warnings)
     out.mkdir(parents=True, exist_ok=True)
-    sections = []
-    for (mode, experiment, data), runs in group(results).items():
+    parts = []
+    for (mode, experiment, data), rows in sections.items():
         stem = f"{experiment}-{data}"
-        sections.append(f"### {experiment} on {data}\n\n{table(mode, experiment, runs)}\n")
-        if len(runs) > 1:
-            plot_scaling(runs, out / f"{stem}-scaling.png", f"{experiment} on {data}")
-            plot_accuracy(runs, out / f"{stem}-accuracy.png", f"{experiment} on {data}")
-        last = runs[-1]
-        plot_confusion_matrix(
-            last["confusion_matrix"], out / f"{stem}-confusion.png", f"{experiment} on {data}, {last['ranks']} rank(s)"
+        seeds = sorted({seeds_text(row.runs) for row in rows})
+        note = (
+            "\n\nRows with several seeds: median [min-max] over the seeds (ensemble and model accuracy, training "
+            "time); precision, recall, F1, CPU s and the time reduction from the medians."
+            if any(len(row.runs) > 1 for row in rows)
+            else ""
         )
-    markdown = "\n".join(sections)
-    (out / "report.md").write_text(markdown)
+        parts.append(f"### {experiment} on {data}\n\n{table(mode, rows)}{note}\n")
+        if len({row.ranks for row in rows}) > 1 and mode == "train":
+            plot_scaling(rows, out / f"{stem}-scaling.png", f"{experiment} on {data}")
+        if mode == "train":
+            plot_accuracy(rows, out / f"{stem}-accuracy.png", f"{experiment} on {data}, seeds {', '.join(seeds)}")
+        last = rows[-1]
+        matrix = [
+            [sum(r["confusion_matrix"][i][j] for r in last.runs) for j in range(len(row))]
+            for i, row in enumerate(last.runs[0]["confusion_matrix"])
+        ]
+        summed = f", summed over seeds {last.seeds}" if len(last.runs) > 1 else ""
+        plot_confusion_matrix(
+            matrix, out / f"{stem}-confusion.png", f"{experiment} on {data}, {last.ranks} rank(s){summed}"
+        )
+    markdown = "\n".join(parts)
+    write_atomically(out / "report.md", lambda tmp: tmp.write_text(markdown))
     return markdown
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", help="result.json files or directories holding them")
-    parser.add_argument("--out", type=Path, required=True, help="directory for report.md and the plots")
+    parser.add_argument("paths", nargs="+", type=Path, help="result.json files or directories holding them")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for report.md and the plots (default: report/ in the first directory given)",
+    )
     args = parser.parse_args(argv)
-    print(report(load_results(args.paths), args.out))
+    runs, warnings = load_runs(args.paths, accept)
+    warn(warnings)
+    if not runs:
+        raise SystemExit(f"error: no classification result.json under {', '.join(map(str, args.paths))}")
+    first = args.paths[0]
+    out = args.out or (first if first.is_dir() else first.parent) / "report"
+    markdown = report(runs, out)
+    print(markdown)
+    print(f"{len(runs)} run(s); wrote {out / 'report.md'} and the plots in {out}")
+    return markdown
 
 
 if __name__ == "__main__":

@@ -80,7 +80,14 @@ OUTPUT_DIRS = {
         "job": {
             "config": {
                 "override_dirname": {
-                    "exclude_keys": ["experiment", "data.path", "output_dir", "hydra.sweep.dir", "hydra.run.dir"]
+                    "exclude_keys": [
+                        "experiment",
+                        "data.path",
+                        "data.source.root",
+                        "output_dir",
+                        "hydra.sweep.dir",
+                        "hydra.run.dir",
+                    ]
                 }
             }
         },

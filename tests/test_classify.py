@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +93,36 @@ def test_kfold_in_one_process(tmp_path: Path) -> None:
     assert (tmp_path / "result.json").is_file() and (tmp_path / "confusion_matrix.png").is_file()
 
 
+def test_a_run_ends_with_one_line_of_results_and_where_they_are(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    launched = subprocess.run(
+        [sys.executable, "recipes/classify.py", "trainer.max_epochs=1", f"hydra.run.dir={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    check(launched)
+    last = launched.stdout.strip().splitlines()[-1]
+    assert "classify on digits, 1 process, ensemble: test accuracy " in last and "training " in last
+    assert last.endswith(f"; results in {out}")
+    assert (out / "classify.log").read_text().strip().splitlines()[-1] == last  # the job's log too
+
+
+def test_kfold_summary_names_the_combined_scores_on_rank_0_only() -> None:
+    result = {"mode": "kfold", "experiment": "kfold", "data": "mnist", "ranks": 2, "folds": 4, "kfold_time_s": 92.9}
+    assert (
+        classify.summary(result, Path("/r"))
+        == "kfold on mnist, 2 ranks: k-fold 92.9 s (scores on rank 0); results in /r"
+    )
+    result.update(fold_acc_mean=0.9463, fold_acc_std=0.0101, metrics={"acc": 0.9555}, averaged_weights={"acc": 0.9545})
+    assert classify.summary(result, Path("/r")) == (
+        "kfold on mnist, 2 ranks, 4 folds: held-out accuracy 94.63 ± 1.01 %, fold ensemble 95.55 %, averaged weights "
+        "95.45 %, k-fold 92.9 s; results in /r"
+    )
+
+
 @pytest.mark.mpi
 def test_two_rank_ensemble_run_and_report(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    check(
+    launched = check(
         run_mpi(
             2,
             ["recipes/classify.py", "experiment=ensemble_table", "data=digits", "trainer.max_epochs=1",
@@ -109,10 +137,17 @@ def test_two_rank_ensemble_run_and_report(tmp_path: Path) -> None:
     assert result["logged"]["test/acc"] == pytest.approx(result["metrics"]["acc"], abs=1e-6)
     assert result["logged"]["test/member_1/acc"] == pytest.approx(result["members"][1]["acc"], abs=1e-6)
     assert (out / "confusion_matrix.png").stat().st_size > 0
+    # one result line on the console (rank 0's), the job's log ends with it; rank 1 logs to its own file
+    summary = f"ensemble_table on digits, 2 ranks, ensemble: test accuracy {100 * result['metrics']['acc']:.2f} %"
+    assert launched.stdout.count(summary) == 1 and summary in launched.stdout.strip().splitlines()[-1]
+    assert summary in (out / "classify.log").read_text().strip().splitlines()[-1]
+    rank1 = (out / "classify.rank1.log").read_text()
+    assert summary in rank1 and "Seed set to 0" in rank1  # Lightning's message: in rank 1's log, not the console
+    assert (launched.stdout + launched.stderr).count("Seed set to 0") == 1  # rank 0's only
 
     sequential = dict(result, ranks=1, train_time_s=2 * result["train_time_s"], members=result["members"][:1])
     markdown = classify_report.report([sequential, result], tmp_path / "report")
-    assert "| 2 |" in markdown and "50.00 %" in markdown  # half the sequential time
+    assert "| 2 | 0 |" in markdown and "50.00 %" in markdown  # half the sequential time
     assert (tmp_path / "report" / "ensemble_table-digits-scaling.png").is_file()
 
 
@@ -127,15 +162,18 @@ def test_one_process_strategy_is_refused_under_several_ranks(tmp_path: Path) -> 
 
 
 def test_speedup_and_kfold_tables() -> None:
-    runs = [
-        {"ranks": n, "sync": "allreduce", "train_time_s": t, "train_cpu_per_rank_s": [t] * n,
-         "metrics": {"acc": 0.9, "f1": 0.9}}
+    results = [
+        {"mode": "train", "experiment": "mlp_speedup", "data": "synthetic", "ranks": n, "sync": "allreduce",
+         "train_time_s": t, "train_cpu_per_rank_s": [t] * n, "metrics": {"acc": 0.9, "f1": 0.9}, "config": {"seed": 0}}
         for n, t in ((1, 10.0), (2, 5.5), (4, 3.0))
-    ]
-    table = classify_report.speedup_table(runs)
-    assert "| 2 | 5.5 | 1.82 | 0.91 | 5.5 |" in table and "| 4 | 3.0 | 3.33 | 0.83 |" in table
+    ]  # fmt: skip
+    (rows,) = classify_report.group(results)[0].values()
+    table = classify_report.speedup_table(rows)
+    assert "| 2 | 0 | 5.5 | 1.82 | 0.91 | 5.5 |" in table and "| 4 | 0 | 3.0 | 3.33 | 0.83 |" in table
     fold = {
-        "ranks": 2, "folds": 10, "fold_acc_mean": 0.97, "fold_acc_std": 0.01, "metrics": {"acc": 0.98},
-        "averaged_weights": {"acc": 0.975}, "kfold_time_s": 60.0, "train_time_sum_s": 115.0,
+        "mode": "kfold", "experiment": "kfold", "data": "mnist", "ranks": 2, "folds": 10, "fold_acc_mean": 0.97,
+        "fold_acc_std": 0.01, "metrics": {"acc": 0.98}, "averaged_weights": {"acc": 0.975}, "kfold_time_s": 60.0,
+        "train_time_sum_s": 115.0, "config": {"seed": 0},
     }  # fmt: skip
-    assert "| 2 | 10 | 97.00 ± 1.00 % | 98.00 % | 97.50 % | 60.0 | 115.0 |" in classify_report.kfold_table([fold])
+    (rows,) = classify_report.group([fold])[0].values()
+    assert "| 2 | 0 | 97.00 ± 1.00 % | 98.00 % | 97.50 % | 60.0 | 115.0 | 10 |" in classify_report.kfold_table(rows)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,7 +39,12 @@ def test_default_config_composes_to_the_improved_forecaster() -> None:
 def test_study_experiment_has_the_studys_exact_setting(model: str, batch: int) -> None:
     cfg = config("experiment=covid_table", f"model={model}")
     assert (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.model.hidden_size) == (1500, batch, 50)
-    assert (cfg.data.transform, cfg.data.scaler, cfg.data.train_fraction, cfg.data.days) == ("level", "minmax", 0.8, 766)
+    assert (cfg.data.transform, cfg.data.scaler, cfg.data.train_fraction, cfg.data.days) == (
+        "level",
+        "minmax",
+        0.8,
+        766,
+    )
     assert cfg.data.source == "nyt" and cfg.data.state == "Tennessee"
 
 
@@ -71,8 +78,9 @@ def test_one_process_run_writes_result_and_plot(tmp_path: Path) -> None:
     written = json.loads((tmp_path / "result.json").read_text())
     assert written["metrics"] == result["metrics"] and written["ranks"] == 1 and written["strategy"] == "single"
     assert written["model"] == "LSTM" and written["epochs"] == 2
-    # the torchmetrics in the test loop and the predictions agree, both in case counts
-    assert written["metrics"]["rmse"] == pytest.approx(written["forecast_metrics"]["rmse"], rel=1e-4)
+    # the predictions' errors (float64) and the torchmetrics of the test loop (float32) agree, both in case counts
+    assert written["metrics"]["rmse"] == pytest.approx(written["logged"]["rmse"], rel=1e-4)
+    assert "forecast_metrics" not in written
     assert set(written["baselines"]) == {"persistence", "seasonal7"}
     assert written["baselines"]["persistence"]["rmse"] > 0
     assert (tmp_path / "forecast.png").stat().st_size > 10_000
@@ -107,33 +115,54 @@ def test_non_basic_sweepers_and_launchers_are_refused_under_mpi(monkeypatch: pyt
         check_sweep_plugins(hydra_cfg)
 
 
+def test_a_run_ends_with_one_line_of_results_and_where_they_are(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    launched = subprocess.run(
+        [sys.executable, "recipes/train.py", "trainer.max_epochs=1", "data.days=200", f"hydra.run.dir={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    check(launched)
+    last = launched.stdout.strip().splitlines()[-1]
+    assert "LSTM, single, 1 process: test RMSE " in last and "(persistence " in last and "fit " in last
+    assert last.endswith(f"; results in {out}")
+    assert (out / "train.log").read_text().strip().splitlines()[-1] == last  # the job's log too
+    assert (out / "result.json").is_file() and (out / "forecast.png").is_file()
+
+
 @pytest.mark.mpi
 def test_two_rank_multirun_shares_job_directories_and_statistics(tmp_path: Path) -> None:
 
     sweep = tmp_path / "sweep"
     launched = run_mpi(
         2,
-        ["recipes/train.py", "-m", "experiment=covid_table", "model=lstm,gru", "strategy=average",
-         "trainer.max_epochs=2", f"data.path={TENNESSEE}", f"hydra.sweep.dir={sweep}"],
-        timeout=240,
-    )
+        ["recipes/train.py", "-m", "experiment=covid_table", "model=lstm,gru", "strategy=allreduce,average",
+         "seed=0,1", "trainer.max_epochs=2", f"data.path={TENNESSEE}", f"hydra.sweep.dir={sweep}"],
+        timeout=300,
+    )  # fmt: skip
     check(launched)
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert len(jobs) == 2, jobs  # one directory per job, shared by both ranks
-    assert len(list(sweep.rglob(".hydra"))) == 2 and len(list(sweep.rglob("result.json"))) == 2
+    assert len(jobs) == 8, jobs  # one directory per job, shared by both ranks
+    assert len(list(sweep.rglob(".hydra"))) == 8 and len(list(sweep.rglob("result.json"))) == 8
     reference = ForecastDataModule(source="nyt", path=str(TENNESSEE), transform="level", scaler="minmax")
     reference.prepare()
     for job in jobs:
         assert (job / "train.log").exists() and (job / "train.rank1.log").exists()
         assert "RMSE" in (job / "train.rank1.log").read_text()
         result = json.loads((job / "result.json").read_text())
-        assert result["ranks"] == 2 and result["strategy"] == "average"
+        assert result["ranks"] == 2 and result["strategy"] in ("allreduce", "average")
         # statistics combined over 2 ranks equal those of one process, exactly
         assert (result["scaler"]["offset"], result["scaler"]["scale"]) == (
-            reference.transform.offset, reference.transform.scale,
+            reference.transform.offset,
+            reference.transform.scale,
         )
         assert round(result["baselines"]["persistence"]["rmse"]) == 8262
-    assert launched.stdout.count("RMSE") == 2  # the console is rank 0's: one summary line per job
+        summary = (job / "train.log").read_text().strip().splitlines()[-1]
+        assert summary.endswith(f"results in {job}") and "2 ranks: test RMSE" in summary
+    # the console is rank 0's: one summary line per job, no second copy of Hydra's sweep lines
+    assert launched.stdout.count("test RMSE") == 8
+    assert launched.stdout.count("Launching 8 jobs locally") == 1 and launched.stdout.count("#7 : ") == 1
     text = report.main([str(sweep)])
-    assert "| RMSE with MPI (2 ranks) |" in text and "LSTM | GRU" in text and "8,261.73" in text
+    for strategy in ("allreduce", "average"):  # both strategies, both seeds: nothing dropped or overwritten
+        assert f"| RMSE, with MPI, 2 ranks, {strategy} (seeds 0, 1) |" in text
+    assert "LSTM | GRU" in text and "| persistence RMSE (tomorrow = today) | 8,262 | 8,262 |" in text
     assert (sweep / "table.png").exists()
