@@ -198,7 +198,7 @@ class Communicator:
         os._exit(code)
 
     def bytes_sent(self) -> int:
-        """Payload bytes this rank contributed to reductions and broadcasts so far."""
+        """Payload bytes this rank contributed to reductions, broadcasts and tensor gathers so far."""
         return 0
 
     def set_timeout(self, timeout: float | None) -> None:
@@ -469,6 +469,7 @@ class MPICommunicator(Communicator):
         out = torch.empty(sum(counts), dtype=wire.dtype, device=wire.device)
         with self._collective("allgather", tensor):
             self._comm.Allgatherv(_buffer(wire.reshape(-1)), [_buffer(out), counts])
+        self._bytes += wire.numel() * wire.element_size()  # this rank's part (DiLoCo's half-precision changes)
         if dtype in _BIT_VIEWS:
             out = out.view(dtype)
         return [part.reshape(shape).to(tensor.device) for part, shape in zip(torch.split(out, counts), shapes)]
@@ -486,6 +487,7 @@ class MPICommunicator(Communicator):
         layouts = torch.empty((self.size, _LAYOUT_DIMS + 2), dtype=torch.int64)
         with self._collective("allgather(layout)", tensor):
             self._comm.Allgather(local.numpy(), layouts.numpy())
+        self._bytes += local.numel() * local.element_size()
         if bool((layouts[:, 0] < 0).any()):
             return self.allgather_object((tuple(tensor.shape), tensor.dtype))
         return [(tuple(row[2 : 2 + row[0]]), _LAYOUT_DTYPES[row[1]]) for row in layouts.tolist()]
