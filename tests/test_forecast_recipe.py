@@ -19,8 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_mpi import MPIStrategy
 from lightning_mpi.hydra import _check_argv, check_sweep_plugins
 from tests.mpirun import ROOT, check, run_mpi
+from tests.shared_data import shared_data
 
-TENNESSEE = ROOT.parent / "shared" / "data" / "tennessee-covid19-nyt.csv"
+TENNESSEE = "tennessee-covid19-nyt.csv"  # in ../shared/data
 
 
 def config(*overrides: str) -> DictConfig:
@@ -92,13 +93,14 @@ def test_bad_input_fails_before_training(tmp_path: Path, monkeypatch: pytest.Mon
         raise AssertionError("training started despite bad input")
 
     monkeypatch.setattr("lightning.pytorch.Trainer.fit", no_training)
+    tennessee = shared_data(TENNESSEE)
     cases = {
         "data.path=/nonexistent/file.csv": (FileNotFoundError, "does not exist"),
         "data.state=Atlantis": (ValueError, "State 'Atlantis' is not in"),
         "data.window=800": (ValueError, "too short"),
     }
     for override, (error, message) in cases.items():
-        cfg = config("data=tennessee", f"data.path={TENNESSEE}", override, f"output_dir={tmp_path}")
+        cfg = config("data=tennessee", f"data.path={tennessee}", override, f"output_dir={tmp_path}")
         with pytest.raises(error, match=message):
             train.run(cfg)
     assert not (tmp_path / "result.json").exists()
@@ -132,18 +134,18 @@ def test_a_run_ends_with_one_line_of_results_and_where_they_are(tmp_path: Path) 
 @pytest.mark.mpi
 def test_two_rank_multirun_shares_job_directories_and_statistics(tmp_path: Path) -> None:
 
-    sweep = tmp_path / "sweep"
+    sweep, tennessee = tmp_path / "sweep", shared_data(TENNESSEE)
     launched = run_mpi(
         2,
         ["recipes/train.py", "-m", "experiment=covid_table", "model=lstm,gru", "strategy=allreduce,average",
-         "seed=0,1", "trainer.max_epochs=2", f"data.path={TENNESSEE}", f"hydra.sweep.dir={sweep}"],
+         "seed=0,1", "trainer.max_epochs=2", f"data.path={tennessee}", f"hydra.sweep.dir={sweep}"],
         timeout=300,
     )  # fmt: skip
     check(launched)
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 8, jobs  # one directory per job, shared by both ranks
     assert len(list(sweep.rglob(".hydra"))) == 8 and len(list(sweep.rglob("result.json"))) == 8
-    reference = ForecastDataModule(source="nyt", path=str(TENNESSEE), transform="level", scaler="minmax")
+    reference = ForecastDataModule(source="nyt", path=str(tennessee), transform="level", scaler="minmax")
     reference.prepare()
     for job in jobs:
         assert (job / "train.log").exists() and (job / "train.rank1.log").exists()

@@ -25,7 +25,9 @@ from forecasting.data import (
     split_index,
 )
 
-TENNESSEE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tennessee-covid19-nyt.csv"
+from tests.shared_data import shared_data
+
+TENNESSEE = "tennessee-covid19-nyt.csv"  # in ../shared/data
 
 
 def write(tmp_path: Path, text: str, name: str = "data.csv") -> Path:
@@ -57,12 +59,13 @@ def test_sir_series_is_seeded_and_shaped_like_tennessee() -> None:
 
 
 def test_nyt_loader_reads_tennessee() -> None:
-    cumulative = load_nyt_state(TENNESSEE, "Tennessee", days=766)
+    tennessee = shared_data(TENNESSEE)
+    cumulative = load_nyt_state(tennessee, "Tennessee", days=766)
     assert cumulative.shape == (766,) and cumulative[0] == 1 and cumulative[3] == 3
     active = Cleaning()(cumulative)
     assert 225_000 < active.max() < 235_000  # the Omicron peak, ~230,000 active cases
     with pytest.raises(ValueError, match="fewer than the 5000 days"):
-        load_nyt_state(TENNESSEE, "Tennessee", days=5000)
+        load_nyt_state(tennessee, "Tennessee", days=5000)
 
 
 def test_nyt_loader_errors(tmp_path: Path) -> None:
@@ -168,7 +171,7 @@ def test_baselines() -> None:
 
 
 def test_datamodule_on_tennessee_reproduces_the_persistence_figure() -> None:
-    data = ForecastDataModule(source="nyt", path=str(TENNESSEE), transform="level", scaler="minmax")
+    data = ForecastDataModule(source="nyt", path=str(shared_data(TENNESSEE)), transform="level", scaler="minmax")
     data.prepare()
     assert data.split == 601 and len(data.x) == 752
     baselines = data.baselines()

@@ -23,7 +23,7 @@ from classification.data import (
 )
 from classification.models import CNNClassifier, MLPClassifier, mlp, study_cnn
 
-MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist-t10k"
+from tests.shared_data import shared_data
 
 
 def _idx_bytes(array: np.ndarray, code: int = 0x08) -> bytes:
@@ -142,7 +142,7 @@ def test_mismatched_counts_and_missing_files(tmp_path: Path, tiny: tuple[np.ndar
 
 
 def test_shared_mnist_split_loads_and_splits_stratified() -> None:
-    x, y = load_idx_images(MNIST)
+    x, y = load_idx_images(shared_data("mnist-t10k"))
     assert x.shape == (10_000, 1, 28, 28) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
     assert y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
     train, test = stratified_split(y, 8000, 2000, seed=0)
