@@ -179,7 +179,7 @@ def allreduce_micro(repeats: int) -> dict[str, dict[int, float]]:
             layer = torch.nn.Linear(n, 1, bias=False)
             policy = GradientAllreduce()
             policy.setup(comm, layer, fitting=True, resuming=False)
-            policy.before_backward(layer)  # the gradient now lives in the bucket, where backward accumulates
+            policy.before_backward(layer, synchronised=True)  # the gradient now lives in the bucket
             calls[key] = _strategy_step(policy, layer)
         calls["gloo"] = lambda buf=buf: dist.all_reduce(buf)
         # Blocks of several milliseconds: the skew with which ranks leave the barrier before each block is noise.
