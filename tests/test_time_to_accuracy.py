@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from tests.mpirun import ROOT, check, run_mpi
+from tests.shared_data import shared_data
 
 PARAMETERS = 93_322  # the study CNN's
 
@@ -95,6 +96,7 @@ def test_time_and_bytes_to_target() -> None:
 @pytest.mark.mpi
 def test_two_ranks_over_shared_memory(tmp_path: Path) -> None:
     """The recipe end to end at tiny scale: every variant kind, the same start, the bytes each one sends."""
+    shared_data("mnist-t10k")  # the recipe's data (conf/time_to_accuracy: data.root)
     overrides = [
         "network=shm", f"output_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'hydra'}", "steps=16", "eval_every=8",
         "data.train_size=2000", "data.val_size=500", "only=[allreduce,average_8,diloco_8,diloco_32_bf16]",
