@@ -569,9 +569,9 @@ def markdown(results: Mapping[str, Any]) -> str:
             (
                 "| variant | final acc | steps to target | time to target | bytes to target | fewer bytes than "
                 f"{reference} (to target) | time vs {reference} (to target) | training time (all steps) | "
-                "bytes (all steps) | ms per step |"
+                "bytes (all steps) | ms per step | load before, after |"
             ),
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, row in analysis["variants"].items():
             reached = row["reached"]
@@ -586,6 +586,7 @@ def markdown(results: Mapping[str, Any]) -> str:
                 f"{row['train_time_s']:.1f} s",
                 _mb(row["bytes"]),
                 f"{1e3 * row['train_time_s'] / max(entry['steps'], 1):.1f}",
+                ", ".join(f"{load:.1f}" for load in entry["variants"][name].get("load_average", [])) or "-",
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines += [
@@ -603,7 +604,9 @@ def markdown(results: Mapping[str, Any]) -> str:
     lines.append(
         "Bytes: payload each rank sent in collectives (`strategy.comm.bytes_sent()`), evaluation traffic and the initial "
         "weight broadcast left out. Times: training wall time of the slowest rank, evaluations left out. Averaging "
-        "variants are evaluated right after a synchronisation only (see recipes/time_to_accuracy.py)."
+        "variants are evaluated right after a synchronisation only (see recipes/time_to_accuracy.py). Load: the "
+        "machine's 1-minute load average before and after the variant (the job's own ranks make about "
+        f"{results['config']['ranks']}; more means other processes shared the cores and stretched the times)."
     )
     return "\n".join(lines) + "\n"
 
