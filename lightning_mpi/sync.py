@@ -568,6 +568,11 @@ class ParameterAveraging(SyncPolicy):
             self.average(optimizers)
 
     def on_train_end(self, module: Module, optimizers: list[Optimizer]) -> None:
+        if self._outer is not None and self._in_sync:
+            # Already the last outer step's parameters: another step on zero changes would still move them
+            # (momentum). Buffers may have changed since (a forward without a step), and averaging them is idempotent.
+            self._average_rest()
+            return
         self.average(optimizers)
 
     def average(self, optimizers: list[Optimizer] = ()) -> None:

@@ -157,3 +157,26 @@ def test_load_ensemble_refuses_checkpoints_that_run_code(tmp_path):
     with pytest.raises(TypeError):  # opting out loads everything: the object ran (and is no hyper-parameter)
         load_ensemble(tmp_path / "evil.ckpt", Regressor, weights_only=False)
     assert marker.exists()
+
+
+def test_diloco_fit_ends_on_its_last_outer_step():
+    # A fit whose last optimizer step was a synchronisation is in sync: one more outer step on zero changes would
+    # still move the parameters (Nesterov's momentum).
+    import functools
+
+    from lightning.pytorch import Callback
+
+    class LastStep(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            self.parameters = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    seed_everything(0)
+    model, _, _ = build("sgd_momentum")
+    nesterov = functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)
+    strategy = MPIStrategy(sync="average", every_n_steps=4, outer_optimizer=nesterov)
+    last = LastStep()
+    trainer = quiet_trainer(max_steps=8, strategy=strategy, callbacks=[last])
+    trainer.fit(model, DataLoader(regression_data(8 * BATCH), batch_size=BATCH))
+    assert strategy.policy.averagings == 2
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, last.parameters[name]), name
