@@ -111,7 +111,9 @@ def test_cleaning_clips_corrections_and_caps_outliers() -> None:
     assert capped[15] == 300.0 and np.all(np.delete(capped, 15) == 100.0)
 
 
-@pytest.mark.parametrize("cleaning", [Cleaning(), Cleaning(outlier_factor=2.5), Cleaning(cumulative=False, active_days=7)])
+@pytest.mark.parametrize(
+    "cleaning", [Cleaning(), Cleaning(outlier_factor=2.5), Cleaning(cumulative=False, active_days=7)]
+)
 @pytest.mark.parametrize("parts", [1, 2, 3, 8])
 def test_chunks_with_halos_equal_the_whole_series_bit_for_bit(cleaning: Cleaning, parts: int) -> None:
     raw = sir_series(400, seed=1) if cleaning.cumulative else np.random.default_rng(0).gamma(2.0, 500.0, 400)

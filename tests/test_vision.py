@@ -78,7 +78,9 @@ def test_importing_the_modules_initialises_nothing() -> None:
         "import sys, lightning_mpi, classification.data, classification.models;"
         "assert 'mpi4py.MPI' not in sys.modules and 'sklearn' not in sys.modules, sorted(sys.modules)"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=Path(__file__).resolve().parents[1] / "recipes")
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, timeout=60, cwd=Path(__file__).resolve().parents[1] / "recipes"
+    )
 
 
 # -- IDX files -----------------------------------------------------------------------------------------------------
