@@ -82,7 +82,11 @@ class EnsembleModel(Module):
     """The members of an MPI ensemble in one process, combined like MPIStrategy combines them.
 
     ``forward`` returns what the ensemble forward returns under MPI (e.g. log vote shares for hard voting);
-    :attr:`members` are plain modules.
+    :meth:`member_outputs` returns the members' own outputs, stacked.
+
+    Attributes:
+        members: the members, plain modules (a ``torch.nn.ModuleList``), in rank order.
+        voting: how ``forward`` combines them: ``"hard"``, ``"soft"``, ``"mean"`` or ``"median"``.
     """
 
     def __init__(self, members: list[Module], voting: str = "hard") -> None:
@@ -92,6 +96,7 @@ class EnsembleModel(Module):
         self._combine = combiner(voting)
 
     def member_outputs(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Every member's output for the same input, ``[members, batch, ...]``."""
         return torch.stack([member(*args, **kwargs) for member in self.members])
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
