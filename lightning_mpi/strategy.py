@@ -279,7 +279,7 @@ class MPIStrategy(ParallelStrategy):
         op = reduce_op_name(reduce_op)
         out = tensor.detach().clone()
         if op == "mean" and not out.is_floating_point():
-            out = out.double()
+            out = out.to(torch.get_default_dtype())  # Lightning's dtype for logged values
         return self.comm.allreduce_(out, op)
 
     @override

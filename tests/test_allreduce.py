@@ -56,6 +56,8 @@ def test_sync_dist_logging_is_global(trained):
             assert r["rank_mean"] == pytest.approx((world - 1) / 2, abs=1e-12)
             # reduce_fx="sum": summed over ranks at every step, then over the epoch's steps
             assert r["rank_sum"] == pytest.approx(steps * world * (world - 1) / 2)
+            # logged as in one process: float32 values stay float32 (an integer count once made them float64)
+            assert set(r["logged_dtypes"].values()) == {"torch.float32"}, r["logged_dtypes"]
 
 
 def test_all_gather_stacks_ranks(trained):

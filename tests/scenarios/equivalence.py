@@ -42,6 +42,7 @@ def main(out: Path) -> None:
                 "unused_grad_is_none": model.unused.grad is None,
                 "rank_mean": trainer.callback_metrics["rank_mean"].item(),
                 "rank_sum": trainer.callback_metrics["rank_sum"].item(),
+                "logged_dtypes": {k: str(v.dtype) for k, v in trainer.callback_metrics.items()},
                 "all_gather": gathered,
                 "global_step": trainer.global_step,
                 "overlapped_buckets": getattr(trainer.strategy.policy, "overlapped_buckets", 0),
