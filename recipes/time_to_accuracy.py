@@ -36,7 +36,7 @@ target, in less wall time than allreduce takes to reach it.
 The inner optimizer of every averaging variant is the CNN's own (Adam, lr 1e-3, as for allreduce); DiLoCo's outer
 optimizer is Nesterov SGD with lr 0.7 and momentum 0.9 (the paper's). Batches: ``data.batch_size`` per rank and
 step, so every variant sees the same samples per step. Torch threads and overlap are MPIStrategy's defaults (one
-thread per rank on two cores; allreduce overlapped with backward when the job spans nodes).
+thread per rank on two cores; no overlap of allreduce with backward).
 """
 
 from __future__ import annotations
