@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -12,6 +12,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 FEATURES = 6
+
+
+def run_scenarios(scenarios: dict[str, Callable[[Path], None]], out: Path, names: Sequence[str]) -> None:
+    """Run the named scenarios (all of them if none is named) in order, each saving its results into ``out``."""
+    from lightning_mpi.comm import world
+
+    for name in names or list(scenarios):
+        scenarios[name](out)
+        if world().rank == 0:
+            print(f"scenario {name} done", flush=True)
 
 
 def save_rank_results(out: Path, name: str, result: dict) -> None:

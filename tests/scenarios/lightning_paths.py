@@ -29,6 +29,7 @@ from tests.scenarios.common import (
     digits_data,
     quiet_trainer,
     regression_data,
+    run_scenarios,
     save_rank_results,
 )
 
@@ -458,10 +459,7 @@ SCENARIOS = {
 
 
 def main(out: Path, names: list[str]) -> None:
-    for name in names or list(SCENARIOS):
-        SCENARIOS[name](out)
-        if world().rank == 0:
-            print(f"scenario {name} done", flush=True)
+    run_scenarios(SCENARIOS, out, names)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ printed. ``python -m tests.scenarios.suite OUT [SCENARIO ...]``.
 import sys
 from pathlib import Path
 
-from lightning_mpi.comm import world
 from tests.scenarios import checkpointing, collectives, combining, diloco, equivalence, evaluation, lightning_paths
+from tests.scenarios.common import run_scenarios
 
 SCENARIOS = {
     "collectives": collectives.main,
@@ -23,10 +23,7 @@ SCENARIOS = {
 
 
 def main(out: Path, names: list[str]) -> None:
-    for name in names or list(SCENARIOS):
-        SCENARIOS[name](out)
-        if world().rank == 0:
-            print(f"scenarios {name} done", flush=True)
+    run_scenarios(SCENARIOS, out, names)
 
 
 if __name__ == "__main__":
