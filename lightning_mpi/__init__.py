@@ -9,7 +9,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
-from lightning_mpi import _lightning, console
+from lightning_mpi import _lightning, console, distributed
 from lightning_mpi.checkpoint import EnsembleModel, load_ensemble
 from lightning_mpi.checks import warn_about_plain_trainers
 from lightning_mpi.comm import launched_by_mpi, launcher_rank, launcher_size
@@ -18,6 +18,7 @@ from lightning_mpi.strategy import MPIStrategy
 from lightning_mpi.voting import hard_vote, mean_vote, median_vote, soft_vote
 
 MPIStrategy.register_strategies(StrategyRegistry)
+distributed.register()
 _lightning.keep_one_process_runs_away_from_mpi()
 _lightning.ignore_foreign_warnings()
 

@@ -1,9 +1,10 @@
-"""MPIStrategy: data-parallel Lightning training over MPI (mpi4py), without a torch.distributed process group."""
+"""MPIStrategy: data-parallel Lightning training over MPI (mpi4py); torch.distributed runs over MPI beside it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from contextlib import ExitStack, contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -11,6 +12,8 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.types import ReduceOp
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.plugins.layer_sync import LayerSync
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
@@ -21,7 +24,7 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_mpi import _lightning
+from lightning_mpi import _lightning, distributed
 from lightning_mpi import checkpoint as ckpt
 from lightning_mpi._autograd import during_next_backward
 from lightning_mpi.batching import TensorBatches
@@ -34,6 +37,7 @@ from lightning_mpi.metrics import sync_metrics
 from lightning_mpi.nonfinite import NonFiniteGradients
 from lightning_mpi.signals import StopAgreement
 from lightning_mpi.sync import SyncPolicy, make_policy
+from lightning_mpi.sync_batchnorm import MPISyncBatchNorm
 from lightning_mpi.threads import choose_threads
 
 
@@ -121,6 +125,9 @@ class MPIStrategy(ParallelStrategy):
         self._stop: StopAgreement | None = None
         self._uneven: UnevenInputs | None = None
         self._evaluation: ExitStack | None = None
+        # Lightning's accelerator connector sets this from Trainer(sync_batchnorm=True) (TorchSyncBatchNorm, which
+        # refuses CPU tensors): setup uses MPISyncBatchNorm instead, on every device.
+        self._layer_sync: LayerSync | None = None
 
     # -- what users read -----------------------------------------------------------------------------------
 
@@ -207,6 +214,10 @@ class MPIStrategy(ParallelStrategy):
         abort_on_uncaught_exceptions(comm)
         threads = choose_threads(self._num_threads, comm.local_size)
         torch.set_num_threads(threads.count)
+        reset_seed()  # as DDP does: PL_GLOBAL_SEED again, so random streams (dropout, torch.rand) match DDP's
+        # torch.distributed for everybody else (samplers, user collectives, torchmetrics, SyncBatchNorm); the
+        # strategy's own traffic stays on its communicator.
+        distributed.init_process_group(timedelta(seconds=self._timeout) if self._timeout else None)
         _announce_once(
             f"lightning-mpi: {comm.size} rank(s) on {comm.num_nodes} node(s), sync={self._policy.name}, "
             f"{threads.count} torch thread(s) per rank ({threads.reason})"
@@ -244,12 +255,34 @@ class MPIStrategy(ParallelStrategy):
         module = self.lightning_module
         assert module is not None
         fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and self._layer_sync is not None:
+            self._apply_layer_sync()
         if fitting and self._policy.identical_replicas:
             check_replicas_match(self.comm, module, self.optimizers)
         self._policy.setup(self.comm, module, fitting=fitting, resuming=trainer.ckpt_path is not None)
         sync_metrics(module, self.comm, lambda: self.is_distributed)
         if not any(isinstance(cb, AbortOnFailure) for cb in trainer.callbacks):
             trainer.callbacks.insert(0, AbortOnFailure(self.comm))  # first: decides before other on_exception hooks
+
+    def _apply_layer_sync(self) -> None:
+        if self._policy.evaluates_all_samples:
+            raise ValueError(
+                f"Trainer(sync_batchnorm=True) does not apply to MPIStrategy(sync={self._policy.name!r}): every "
+                "member normalises over its own data. Remove sync_batchnorm=True, or use sync='allreduce'."
+            )
+        if not isinstance(self._layer_sync, MPISyncBatchNorm):
+            self._layer_sync = MPISyncBatchNorm()  # torch's SyncBatchNorm refuses CPU tensors
+        assert self.model is not None
+        self.model = self._layer_sync.apply(self.model)
+
+    @override
+    def teardown(self) -> None:
+        module = self.lightning_module
+        trainer = _lightning.attached_trainer(module) if module is not None else None
+        if self._layer_sync is not None and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            assert self.model is not None
+            self.model = self._layer_sync.revert(self.model)
+        super().teardown()
 
     @override
     def process_dataloader(self, dataloader: object) -> object:

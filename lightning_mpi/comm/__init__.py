@@ -32,17 +32,19 @@ __all__ = [
 _WORLD: Communicator | None = None
 
 
-def world(timeout: float | None = 600.0) -> Communicator:
+def world(timeout: float | None | object = ...) -> Communicator:
     """The communicator over all ranks of this job, created on first use (this initialises MPI if needed).
 
     Under an MPI launcher (or once mpi4py has initialised MPI) it is an :class:`MPICommunicator`;
-    otherwise the single-process :class:`Communicator`, and MPI is never initialised.
+    otherwise the single-process :class:`Communicator`, and MPI is never initialised. ``timeout`` (seconds before a
+    stalled collective aborts the job; default 600 at creation) replaces the current one if given.
     """
     global _WORLD
     if _WORLD is None:
-        _WORLD = MPICommunicator(timeout=timeout) if launched_by_mpi() or _mpi_initialized() else Communicator()
-    else:
-        _WORLD.set_timeout(timeout)
+        seconds = 600.0 if timeout is ... else timeout
+        _WORLD = MPICommunicator(timeout=seconds) if launched_by_mpi() or _mpi_initialized() else Communicator()  # type: ignore[arg-type]
+    elif timeout is not ...:
+        _WORLD.set_timeout(timeout)  # type: ignore[arg-type]
     return _WORLD
 
 

@@ -10,7 +10,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-ReduceOpName = Literal["sum", "mean", "min", "max"]
+#: Reductions over ranks; "mean" divides the sum by the number of ranks, the bitwise ones need integers or bool.
+ReduceOpName = Literal["sum", "mean", "min", "max", "product", "band", "bor", "bxor"]
 
 
 class Communicator:
@@ -27,13 +28,15 @@ class Communicator:
     node_rank: int = 0
     num_nodes: int = 1
     cuda_aware: bool = False
+    #: whether MPI serves calls from several threads at once (``MPI_THREAD_MULTIPLE``)
+    thread_multiple: bool = False
 
     #: What the rank is doing (e.g. ``"step 12"``); shown in stall reports. Assigning it costs nothing.
     context: str = ""
 
     def allreduce_(self, tensor: Tensor, op: ReduceOpName = "sum") -> Tensor:
         """Reduce ``tensor`` across ranks in place and return it. ``"mean"`` needs a floating-point tensor."""
-        _check_op(tensor, op)
+        check_op(tensor, op)
         return tensor
 
     def prepared_allreduce(self, tensor: Tensor, op: ReduceOpName = "sum") -> Reduction:
@@ -42,7 +45,7 @@ class Communicator:
         The buffer is described to MPI once, so each call costs what the MPI call itself costs. ``tensor`` must
         keep its memory (no resizing) while the returned :class:`Reduction` is in use.
         """
-        _check_op(tensor, op)
+        check_op(tensor, op)
         return Reduction(lambda: self.allreduce_(tensor, op))
 
     def enable_background(self) -> bool:
@@ -74,6 +77,48 @@ class Communicator:
     def gather_object(self, obj: Any, root: int = 0) -> list[Any] | None:
         """Return every rank's picklable ``obj`` on rank ``root`` (in rank order), ``None`` elsewhere."""
         return [obj]
+
+    # -- what torch.distributed needs besides (see lightning_mpi.comm.tensor_ops); here: one rank -----
+
+    def reduce_(self, tensor: Tensor, op: ReduceOpName, root: int) -> Tensor:
+        """Reduce ``tensor`` onto rank ``root`` in place."""
+        check_op(tensor, op)
+        return tensor
+
+    def allgather_into_(self, out: Tensor, tensor: Tensor, counts: list[int]) -> Tensor:
+        """Every rank's ``tensor`` (``counts[r]`` elements from rank ``r``) into ``out``, in rank order."""
+        return _copy_flat(out, tensor)
+
+    def gather_into_(self, out: Tensor | None, tensor: Tensor, counts: list[int], root: int) -> None:
+        """Every rank's ``tensor`` into ``out`` on rank ``root`` (``None`` elsewhere)."""
+        if out is not None:
+            _copy_flat(out, tensor)
+
+    def scatter_from_(self, tensor: Tensor, source: Tensor | None, counts: list[int], root: int) -> None:
+        """Rank ``r`` receives ``counts[r]`` elements of rank ``root``'s ``source`` into ``tensor``."""
+        assert source is not None
+        _copy_flat(tensor, source)
+
+    def alltoallv_(self, out: Tensor, tensor: Tensor, out_counts: list[int], in_counts: list[int]) -> Tensor:
+        """Each rank sends ``in_counts[s]`` elements to rank ``s`` and receives ``out_counts[s]`` from it."""
+        return _copy_flat(out, tensor)
+
+    def reduce_scatter_(self, out: Tensor, tensor: Tensor, counts: list[int], op: ReduceOpName) -> Tensor:
+        """Reduce ``tensor`` over ranks; rank ``r`` gets its ``counts[r]`` elements of the result in ``out``."""
+        check_op(tensor, op)
+        return _copy_flat(out, tensor)
+
+    def send(self, tensor: Tensor, dest: int, tag: int) -> Any:
+        """Start sending ``tensor`` to rank ``dest``."""
+        raise ValueError(f"send to rank {dest}: this job has a single rank.")
+
+    def recv(self, tensor: Tensor, source: int | None, tag: int) -> Any:
+        """Start receiving into ``tensor`` from rank ``source`` (``None``: any)."""
+        raise ValueError(f"recv from rank {source}: this job has a single rank.")
+
+    def subgroup(self, ranks: list[int], timeout: float | None) -> Communicator:
+        """A communicator over ``ranks`` of this one; only those ranks call it."""
+        return self
 
     def barrier(self) -> None:
         """Block until every rank has arrived."""
@@ -188,9 +233,15 @@ class TrafficMeter:
             self._start = None
 
 
-def _check_op(tensor: Tensor, op: str) -> None:
-    if op not in ("sum", "mean", "min", "max"):
-        raise ValueError(f"Unknown reduction {op!r}: use 'sum', 'mean', 'min' or 'max'.")
+_BITWISE = ("band", "bor", "bxor")
+
+
+def check_op(tensor: Tensor, op: str) -> None:
+    """Raise a clear error unless ``op`` can reduce ``tensor`` over ranks."""
+    if op not in ("sum", "mean", "min", "max", "product", *_BITWISE):
+        raise ValueError(f"Unknown reduction {op!r}: use 'sum', 'mean', 'min', 'max', 'product', 'band', 'bor' or 'bxor'.")
+    if op in _BITWISE and (tensor.is_floating_point() or tensor.is_complex()):
+        raise TypeError(f"The bitwise reduction {op!r} needs an integer or bool tensor, not {tensor.dtype}.")
     if op == "mean" and not (tensor.is_floating_point() or tensor.is_complex()):
         raise TypeError(
             f"A 'mean' over ranks of a {tensor.dtype} tensor would truncate: convert it to a floating-point dtype "
@@ -198,3 +249,9 @@ def _check_op(tensor: Tensor, op: str) -> None:
         )
 
 
+
+
+def _copy_flat(out: Tensor, tensor: Tensor) -> Tensor:
+    with torch.no_grad():
+        out.view(-1)[: tensor.numel()].copy_(tensor.reshape(-1))
+    return out

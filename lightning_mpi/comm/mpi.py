@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_mpi.comm.base import CollectiveMismatch, Communicator, ReduceOpName, Reduction, _check_op, validate_timeout
+from lightning_mpi.comm.base import CollectiveMismatch, Communicator, ReduceOpName, Reduction, check_op, validate_timeout
 from lightning_mpi.comm.monitor import _Monitor
 from lightning_mpi.comm.overlap import _Background, _MPIReduction
+from lightning_mpi.comm.tensor_ops import TensorCollectives
 
 ABORT_GRACE = 0.5
 
@@ -35,7 +36,7 @@ _LAYOUT_DIMS = 8
 _BIT_VIEWS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.bool: torch.uint8}
 
 
-class MPICommunicator(Communicator):
+class MPICommunicator(TensorCollectives, Communicator):
     """:class:`Communicator` over an mpi4py communicator (a duplicate of ``COMM_WORLD`` by default).
 
     Args:
@@ -60,7 +61,9 @@ class MPICommunicator(Communicator):
         self.node_rank = sum(leaders[:leader_rank])
         self.num_nodes = sum(leaders)
         self.cuda_aware = _detect_cuda_aware()
-        self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX}
+        self.thread_multiple = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+        self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX, "product": MPI.PROD,
+                     "band": MPI.BAND, "bor": MPI.BOR, "bxor": MPI.BXOR}
         self._bytes = 0
         self._same_calls_reason: str | None = None
         self._background: _Background | None = None
@@ -116,7 +119,7 @@ class MPICommunicator(Communicator):
     # -- collectives -----------------------------------------------------------------------------------
 
     def allreduce_(self, tensor: Tensor, op: ReduceOpName = "sum") -> Tensor:
-        _check_op(tensor, op)
+        check_op(tensor, op)
         if self.size == 1:
             return tensor
         self._check_same_call("allreduce", tensor, op)
@@ -133,7 +136,7 @@ class MPICommunicator(Communicator):
         return tensor
 
     def prepared_allreduce(self, tensor: Tensor, op: ReduceOpName = "sum") -> Reduction:
-        _check_op(tensor, op)
+        check_op(tensor, op)
         direct = tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.dtype in _NUMPY_REDUCIBLE
         if self.size == 1 or op == "mean" or not direct:
             return super().prepared_allreduce(tensor, op)  # staged, on a device, or divided: the general path
