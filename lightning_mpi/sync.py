@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -343,6 +344,8 @@ class GradientAllreduce(SyncPolicy):
 
 
 _SPARSE_MODULES = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+# bfloat16 has no numpy dtype: its buckets' tails are written through torch (and reduced in float32 by the comm).
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
 class _GradientBucket:
@@ -363,7 +366,7 @@ class _GradientBucket:
         self._in_bucket = False
         self._reduce = comm.prepared_allreduce(bucket.flat, "sum")
         # Flags are written through numpy where the tail is in host memory: ~1 µs instead of ~5 for torch.
-        self._tail = bucket.tail.numpy() if bucket.tail.device.type == "cpu" else None
+        self._tail = bucket.tail.numpy() if bucket.tail.device.type == "cpu" and bucket.tail.dtype in _NUMPY_DTYPES else None
 
     def prepare(self) -> None:
         """Before a backward: hand the bucket's views to autograd as gradients where there are none."""
@@ -782,6 +785,14 @@ def make_policy(
     pseudo_gradient_dtype: torch.dtype | str | None = None,
 ) -> SyncPolicy:
     """The policy of ``MPIStrategy(sync=...)``, refusing options that belong to another mode."""
+    if bucket_mb is not None and (
+        isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not math.isfinite(bucket_mb)
+        or bucket_mb <= 0
+    ):
+        raise ValueError(
+            f"bucket_mb={bucket_mb!r} is not valid: give the capacity of a communication buffer in MiB (a positive "
+            "number, e.g. 25), or None for the default."
+        )
     averaging_options = (
         every_n_steps is not None or every_n_epochs is not None or warmup_steps or average_optimizer_state
         or outer_optimizer is not None or pseudo_gradient_dtype is not None

@@ -56,6 +56,16 @@ def test_timeout_is_validated():
         MPIStrategy(timeout=no_stall_detection)
 
 
+def test_bucket_mb_is_validated():
+    import pytest
+
+    for sync in ("allreduce", "average"):
+        for bad in (-1, 0, float("nan"), float("inf"), "25", True):
+            with pytest.raises(ValueError, match="bucket_mb=.* is not valid"):
+                MPIStrategy(sync=sync, bucket_mb=bad)
+        MPIStrategy(sync=sync, bucket_mb=0.5)
+
+
 def _two_fits(strategy_factory) -> tuple[dict[str, torch.Tensor], float]:
     """Fit, then fit again (fine-tuning) with a new Trainer: the second fit continues from the first."""
     from tests.scenarios.lightning_paths import EnsembleRegressor
