@@ -69,13 +69,31 @@ def save(io: CheckpointIO, checkpoint: dict[str, Any], filepath: Any, storage_op
         io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
 
+#: How the default IO's temporary file in a checkpoint's directory is named while it is written.
+PARTIAL_PREFIX = ".partial-checkpoint-"
+
+
 @contextmanager
 def _temporary_files_in(directory: str) -> Iterator[None]:
-    previous, tempfile.tempdir = tempfile.tempdir, directory
+    """fsspec's temporary file in ``directory``, under a name that says what it is. One that a killed job left
+    behind (an interruption that unwinds removes its own) is removed by the next save into the directory."""
+    remove_partial_checkpoints(directory)
+    previous = tempfile.tempdir, tempfile.template
+    tempfile.tempdir, tempfile.template = directory, PARTIAL_PREFIX
     try:
         yield
     finally:
-        tempfile.tempdir = previous
+        tempfile.tempdir, tempfile.template = previous
+
+
+def remove_partial_checkpoints(directory: str) -> list[str]:
+    """Remove what interrupted saves left in ``directory`` (files named ``.partial-checkpoint-*``); their names."""
+    removed = []
+    for entry in os.scandir(directory):
+        if entry.name.startswith(PARTIAL_PREFIX) and entry.is_file():
+            os.remove(entry.path)
+            removed.append(entry.name)
+    return removed
 
 
 class EnsembleModel(Module):
