@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,16 @@ class OuterStep:
             for anchor in self._anchors:
                 anchor.grad = None
             torch._foreach_copy_([p.detach() for p in self._params], [a.detach() for a in self._anchors])
+
+    def snapshot(self) -> dict[str, Any]:
+        """The outer state now (anchors and optimizer), for :meth:`restore` after a step taken only to look."""
+        return copy.deepcopy(self.state_dict())
+
+    def restore(self, state: dict[str, Any]) -> None:
+        assert self._optimizer is not None
+        with torch.no_grad():
+            torch._foreach_copy_(self._anchors, list(state["anchors"]))
+        self._optimizer.load_state_dict(state["optimizer"])
 
     def _average(self, comm: Communicator, flat: Tensor) -> None:
         if self._wire_dtype is None or comm.size == 1:

@@ -470,9 +470,10 @@ class ParameterAveraging(SyncPolicy):
     synchronisation are averaged and applied by that optimizer to the last synchronised parameters. Buffers are
     averaged as without it; the inner optimizer is the module's own.
 
-    Validation, test and checkpoints always see the averaged model. Between averaging points the ranks' local
-    models are kept: evaluation averages into the model temporarily and restores the local weights afterwards;
-    a checkpoint holds the averaged model, plus every rank's local model and optimizer state (also when it is
+    Validation, test and checkpoints always see the synchronised model: the model a synchronisation at that point
+    would give (the average; with DiLoCo, the outer optimizer's step on the averaged changes). Between
+    synchronisations the ranks' local models are kept: evaluation synchronises into the model temporarily and
+    restores the local weights (and DiLoCo's outer state) afterwards; a checkpoint holds the synchronised model, plus every rank's local model and optimizer state (also when it is
     written during validation), so that a resumed fit continues exactly (with DiLoCo also the outer optimizer's
     state and the last synchronised parameters). Outside fit (``trainer.test(model, ckpt_path=...)``), every rank
     evaluates the averaged model of the checkpoint.
@@ -514,6 +515,8 @@ class ParameterAveraging(SyncPolicy):
         if self._outer is None and pseudo_gradient_dtype is not None:
             raise ValueError("pseudo_gradient_dtype only applies with an outer_optimizer (DiLoCo).")
         self._rest_buckets: list[Bucket] | None = None
+        #: DiLoCo's outer state while evaluation previews a synchronisation
+        self._outer_before: dict[str, Any] | None = None
 
     @property
     def syncs_gradients(self) -> bool:  # type: ignore[override]
@@ -581,15 +584,19 @@ class ParameterAveraging(SyncPolicy):
     def average(self, optimizers: list[Optimizer] = ()) -> None:
         """Average the model (and, if chosen, optimizer state) over ranks, in place; with an outer optimizer, its
         step on the averaged changes sets the parameters."""
+        self._synchronise_model()
+        if self.average_optimizer_state and self.comm.size > 1:
+            _average_optimizer_state(self.comm, optimizers, self._bucket_mb)
+        self.averagings += 1
+        self._in_sync = True
+
+    def _synchronise_model(self) -> None:
+        """The model a synchronisation gives: the average, or with DiLoCo the outer step on the averaged changes."""
         if self._outer is None:
             self._average_model()
         else:
             self._outer.step(self.comm, self._bucket_mb)
             self._average_rest()
-        if self.average_optimizer_state and self.comm.size > 1:
-            _average_optimizer_state(self.comm, optimizers, self._bucket_mb)
-        self.averagings += 1
-        self._in_sync = True
 
     def _buckets(self) -> list[Bucket]:
         if self._model_buckets is None:  # built on first use: lazy modules are materialised by then
@@ -620,12 +627,16 @@ class ParameterAveraging(SyncPolicy):
             yield
             return
         self._local = [b.pack().clone() for b in self._buckets()]
-        self._average_model()
+        self._outer_before = self._outer.snapshot() if self._outer is not None else None
+        self._synchronise_model()
         try:
             yield
         finally:
             self._load(self._local)
             self._local = None
+            if self._outer is not None and self._outer_before is not None:
+                self._outer.restore(self._outer_before)  # the step was a preview: training continues as before
+            self._outer_before = None
 
     def model_state_dict(self, module: Module) -> dict[str, Any]:
         if self._in_sync or self._local is not None:  # in sync, or already averaged for evaluation
@@ -649,8 +660,8 @@ class ParameterAveraging(SyncPolicy):
 
     def state_dict(self) -> dict[str, Any]:
         state = {"steps": self.steps, "averagings": self.averagings, "in_sync": self._in_sync}
-        if self._outer is not None:
-            state["outer"] = self._outer.state_dict()
+        if self._outer is not None:  # during evaluation: the state before the previewed step
+            state["outer"] = self._outer_before if self._outer_before is not None else self._outer.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
