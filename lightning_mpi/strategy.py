@@ -416,6 +416,21 @@ class MPIStrategy(ParallelStrategy):
             evaluation.close()
 
     @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._policy.before_evaluation_step(self.lightning_module)
+        return super().validation_step(*args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._policy.before_evaluation_step(self.lightning_module)
+        return super().test_step(*args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._policy.before_evaluation_step(self.lightning_module)
+        return super().predict_step(*args, **kwargs)
+
+    @override
     def on_validation_start(self) -> None:
         self._enter_evaluation()
 

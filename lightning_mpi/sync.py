@@ -114,6 +114,9 @@ class SyncPolicy:
         """Context around validation, test and predict loops."""
         yield
 
+    def before_evaluation_step(self, module: Module) -> None:
+        """Called before every validation, test and predict step."""
+
     def evaluation_loader(self, dataloader: object) -> object:
         """What a rank evaluates and predicts on: its share of the samples (see :mod:`lightning_mpi.sampling`)."""
         return shard_evaluation_dataloader(dataloader, self.comm.size, self.comm.rank)
@@ -242,15 +245,21 @@ class GradientAllreduce(SyncPolicy):
         return 1.0 / self.comm.size
 
     def before_training_step(self, module: Module, synchronised: bool, source: int = 0) -> None:
-        self._follow_rank_zero_buffers()
+        self._follow_rank_zero_buffers(module)
         # DDP's rule: a forward whose backward is synchronised makes the buffers stale for the next forward.
-        self._buffers_stale = synchronised and self._buffers is not None
+        self._buffers_stale = synchronised and self.comm.size > 1
         self._buffer_source = source
 
-    def _follow_rank_zero_buffers(self) -> None:
-        if self._buffers_stale and self._buffers is not None:
-            self.comm.broadcast_(self._buffers.pack(), self._buffer_source)
-            self._buffers.unpack()
+    def _follow_rank_zero_buffers(self, module: Module, always: bool = False) -> None:
+        if (self._buffers_stale or always) and self.comm.size > 1:
+            buffers = [b for b in module.buffers() if not is_lazy(b)]
+            if self._buffers is None or not _same_tensors(self._buffers.tensors, buffers):
+                # A callback or the module put new tensors in (SWA's BatchNorm reset, register_buffer again):
+                # follow them, not the old ones.
+                self._buffers = ByteBucket(buffers) if buffers else None
+            if self._buffers is not None:
+                self.comm.broadcast_(self._buffers.pack(), self._buffer_source)
+                self._buffers.unpack()
         self._buffers_stale = False
 
     def before_backward(self, module: Module, synchronised: bool) -> None:
@@ -334,13 +343,14 @@ class GradientAllreduce(SyncPolicy):
         dense = all(bool(torch.isfinite(gb.bucket.flat).all()) for gb in self._buckets)
         return dense and all(bool(torch.isfinite(p.grad.values()).all()) for p in self._sparse if p.grad is not None)
 
-    @contextmanager
-    def evaluation(self, module: Module) -> Iterator[None]:
-        self._follow_rank_zero_buffers()
-        yield
+    def before_evaluation_step(self, module: Module) -> None:
+        # At the first evaluation forward, as DDP: callbacks that swap weights in at the start of evaluation (EMA)
+        # have done so by then, and every rank evaluates rank 0's buffers.
+        self._follow_rank_zero_buffers(module)
 
     def on_train_end(self, module: Module, optimizers: list[Optimizer]) -> None:
-        self._follow_rank_zero_buffers()
+        # Always: callbacks' on_train_end ran just before (EMA copies its averaged buffers in there).
+        self._follow_rank_zero_buffers(module, always=True)
 
 
 _SPARSE_MODULES = (torch.nn.Embedding, torch.nn.EmbeddingBag)
@@ -599,9 +609,14 @@ class ParameterAveraging(SyncPolicy):
             self._average_rest()
 
     def _buckets(self) -> list[Bucket]:
-        if self._model_buckets is None:  # built on first use: lazy modules are materialised by then
-            assert self._module is not None
-            self._model_buckets = bucketize(_floating_state(self._module), self._bucket_mb)
+        assert self._module is not None
+        state = _floating_state(self._module)
+        built = [t for bucket in self._model_buckets or [] for t in bucket.tensors]
+        # Built on first use (lazy modules are materialised by then), and again when a callback or the module
+        # replaced tensors (SWA's BatchNorm reset, register_buffer again): averaging must reach the module's own.
+        if self._model_buckets is None or not _same_tensors(built, state):
+            self._model_buckets = bucketize(state, self._bucket_mb)
+            self._rest_buckets = None
         return self._model_buckets
 
     def _average_model(self) -> None:
@@ -609,6 +624,7 @@ class ParameterAveraging(SyncPolicy):
 
     def _average_rest(self) -> None:
         """Buffers and frozen parameters: what the outer optimizer does not step."""
+        self._buckets()  # rebuilt (with the rest) if the module's tensors were replaced
         if self._rest_buckets is None:
             assert self._module is not None
             trainable = {id(p) for p in _trainable(self._module)}
@@ -670,6 +686,10 @@ class ParameterAveraging(SyncPolicy):
         self._in_sync = bool(state.get("in_sync", False))
         if self._outer is not None and "outer" in state:
             self._outer.load_state_dict(state["outer"])
+
+
+def _same_tensors(held: list[Tensor], current: list[Tensor]) -> bool:
+    return len(held) == len(current) and all(a is b for a, b in zip(held, current))
 
 
 def _trainable(module: Module) -> list[Tensor]:

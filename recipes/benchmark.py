@@ -90,6 +90,7 @@ def epoch_timer() -> Any:
 def lightning_epochs(workload: str, variant: str, epochs: int) -> list[float]:
     """Epoch times of ``epochs`` epochs after a warm-up epoch, for a Lightning variant."""
     from lightning.pytorch import Trainer
+    import torch
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -107,6 +108,8 @@ def lightning_epochs(workload: str, variant: str, epochs: int) -> list[float]:
         "ceiling": lambda: MPIStrategy(sync="ensemble", num_threads=1),
         "ddp_gloo": lambda: DDPStrategy(process_group_backend="gloo"),
     }[variant]()
+    if variant == "ddp_gloo" and torch.distributed.is_initialized() and torch.distributed.get_backend() != "gloo":
+        torch.distributed.destroy_process_group()  # MPIStrategy's mpi4py group: DDP would run over it, not gloo
     timer = epoch_timer()
     trainer = Trainer(
         accelerator="cpu",

@@ -71,7 +71,17 @@ class MPIProcessGroup(dist.ProcessGroup):
     def allreduce(self, tensors: list[Tensor], opts: Any = None) -> dist.Work:
         opts = opts or dist.AllreduceOptions()
         op = self._reduction(opts)
-        return self._run(lambda: [self.comm.allreduce_(t, op) for t in tensors], opts, tensors)
+
+        def job() -> None:
+            for t in tensors:
+                if op == "mean" and not (t.is_floating_point() or t.is_complex()):
+                    # AVG of integers: the sum divided with truncation, as NCCL does (and Lightning over gloo)
+                    self.comm.allreduce_(t, "sum")
+                    t.copy_(torch.div(t, self.comm.size, rounding_mode="trunc"))
+                else:
+                    self.comm.allreduce_(t, op)
+
+        return self._run(job, opts, tensors)
 
     @override
     def allreduce_coalesced(self, tensors: list[Tensor], opts: Any = None) -> dist.Work:

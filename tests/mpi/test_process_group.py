@@ -80,6 +80,14 @@ def exercise(backend: str) -> Calls:
     if out is not None:
         assert torch.allclose(out, torch.tensor([(size - 1) / 2, 2.0]))
 
+    def integer_average() -> torch.Tensor:
+        t = torch.tensor([rank, 3 * rank + 1], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.AVG)
+        return t
+    out = calls.run("all_reduce avg int64", integer_average)
+    if out is not None:  # truncated, as NCCL's (and Lightning's division over gloo)
+        assert out.tolist() == [sum(range(size)) // size, sum(3 * r + 1 for r in range(size)) // size], out
+
     def non_contiguous() -> torch.Tensor:
         t = torch.arange(12.0).reshape(3, 4).t() * (rank + 1)
         dist.all_reduce(t)

@@ -73,7 +73,12 @@ def batchnorm_vs_ddp(out: Path) -> None:
     ours = {k: v.clone() for k, v in model.state_dict().items()}
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
     spread = gathered_max_diff(ours)
+    # The reference is DDP over gloo: MPIStrategy left its mpi4py process group (as DDP leaves its own), so DDP
+    # would run over that one; it starts its gloo group once this one is gone, and goes with it afterwards.
+    torch.distributed.destroy_process_group()
     model, trainer = _fit_batchnorm(DDPStrategy(process_group_backend="gloo"), devices=comm.size)
+    assert torch.distributed.get_backend() == "gloo"
+    torch.distributed.destroy_process_group()
     save_rank_results(out, "batchnorm_vs_ddp", {
         "ours": ours, "ddp": model.state_dict(), "logged": logged,
         "ddp_logged": {k: float(v) for k, v in trainer.callback_metrics.items()}, "spread": spread,
