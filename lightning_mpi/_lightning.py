@@ -125,3 +125,4 @@ def lightning_loggers() -> list[logging.Logger]:
     console handler of its own (the subpackages' only when the root logger had none when Lightning was imported;
     the ``lightning`` package's always, which its subpackages reach once they propagate)."""
     return [logging.getLogger(name) for name in ("lightning", "lightning.pytorch", "lightning.fabric")]
+

@@ -96,9 +96,32 @@ def _base_order(sampler: Sampler) -> list[int]:
     return list(sampler)
 
 
-def shard_evaluation_dataloader(dataloader: object, replicas: int, rank: int) -> object:
+class LimitedShardBatches(Sampler[list[int]]):
+    """This rank's ``limit`` full batches of an evaluation limited to ``limit`` batches per rank: the first
+    ``limit * replicas`` batches that one process would evaluate, batch ``k * replicas + rank`` to rank ``rank`` (the
+    samples DDP's interleaved shards give, so the limit selects the same samples as one process and DDP).
+
+    >>> [list(LimitedShardBatches(range(20), 2, 2, r, limit=2)) for r in range(2)]
+    [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
+    """
+
+    def __init__(self, indices: Sequence[int], batch_size: int, replicas: int, rank: int, limit: int) -> None:
+        order = list(indices)
+        self.batches = [order[(k * replicas + rank) * batch_size : (k * replicas + rank + 1) * batch_size]
+                        for k in range(limit)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def shard_evaluation_dataloader(dataloader: object, replicas: int, rank: int, limit: int | None = None) -> object:
     """Give ``dataloader`` this rank's share of the samples: all of them if ``replicas == 1``, else
-    :class:`EvenShardBatches` (same number of batches on every rank, every sample once).
+    :class:`EvenShardBatches` (same number of batches on every rank, every sample once); with ``limit`` batches per
+    rank that leave samples out, :class:`LimitedShardBatches` (the samples one process evaluates in
+    ``limit * replicas`` batches).
 
     The dataloader is changed in place. Left untouched: objects that are not ``DataLoader``s, loaders of an
     ``IterableDataset`` (the user shards those, as under DDP: their sampler is infinite) and loaders without
@@ -117,7 +140,11 @@ def shard_evaluation_dataloader(dataloader: object, replicas: int, rank: int) ->
     if replicas == 1 or type(batch_sampler) is not BatchSampler:
         batch_sampler.sampler = ContiguousShard(order, replicas, rank)
         return dataloader
-    batches = EvenShardBatches(order, batch_sampler.batch_size, replicas, rank, batch_sampler.drop_last)
+    size = batch_sampler.batch_size
+    if limit is not None and limit * replicas * size < len(order):
+        batches: Sampler[list[int]] = LimitedShardBatches(order, size, replicas, rank, limit)
+    else:
+        batches = EvenShardBatches(order, size, replicas, rank, batch_sampler.drop_last)
     if outer is not batch_sampler:
         replace_batch_sampler_inside_wrapper(outer, batches)
     else:

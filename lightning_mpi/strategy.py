@@ -298,7 +298,7 @@ class MPIStrategy(ParallelStrategy):
             return self._uneven.loader(dataloader, self.lightning_module)
         if not _lightning.uses_distributed_sampler(trainer):
             return dataloader
-        return self._policy.evaluation_loader(dataloader)
+        return self._policy.evaluation_loader(dataloader, _integer_evaluation_limit(trainer))
 
     # -- communication for Lightning ---------------------------------------------------------------------
 
@@ -511,3 +511,15 @@ def _announce_once(message: str) -> None:
     if message not in _ANNOUNCED:
         _ANNOUNCED.add(message)
         rank_zero_info(message)
+
+
+def _integer_evaluation_limit(trainer: Trainer) -> int | None:
+    """The number of batches per rank that an integer ``limit_val_batches`` / ``limit_test_batches`` allows in the
+    current stage (``None``: no integer limit; fractions and prediction are left to Lightning). The sanity check
+    prepares the validation loader that fit's validation then reuses."""
+    limit = {
+        RunningStage.SANITY_CHECKING: trainer.limit_val_batches,
+        RunningStage.VALIDATING: trainer.limit_val_batches,
+        RunningStage.TESTING: trainer.limit_test_batches,
+    }.get(trainer.state.stage)  # type: ignore[arg-type]
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None

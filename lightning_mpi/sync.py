@@ -117,9 +117,10 @@ class SyncPolicy:
     def before_evaluation_step(self, module: Module) -> None:
         """Called before every validation, test and predict step."""
 
-    def evaluation_loader(self, dataloader: object) -> object:
-        """What a rank evaluates and predicts on: its share of the samples (see :mod:`lightning_mpi.sampling`)."""
-        return shard_evaluation_dataloader(dataloader, self.comm.size, self.comm.rank)
+    def evaluation_loader(self, dataloader: object, limit: int | None = None) -> object:
+        """What a rank evaluates and predicts on: its share of the samples (see :mod:`lightning_mpi.sampling`);
+        ``limit``: the batches per rank an integer ``limit_val_batches``/``limit_test_batches`` allows."""
+        return shard_evaluation_dataloader(dataloader, self.comm.size, self.comm.rank, limit)
 
     def collect_predictions(self, predictions: list[list[Any]]) -> None:
         """Turn each rank's predictions (one list of batch outputs per dataloader) into everyone's, in place."""
@@ -780,7 +781,7 @@ class Ensemble(SyncPolicy):
         voting.check_fits(self.voting, members)
         return self.combine(members)
 
-    def evaluation_loader(self, dataloader: object) -> object:
+    def evaluation_loader(self, dataloader: object, limit: int | None = None) -> object:
         return shard_evaluation_dataloader(dataloader, 1, 0)  # every member sees every sample, in order
 
     def collect_predictions(self, predictions: list[list[Any]]) -> None:
