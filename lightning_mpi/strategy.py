@@ -214,7 +214,8 @@ class MPIStrategy(ParallelStrategy):
         abort_on_uncaught_exceptions(comm)
         threads = choose_threads(self._num_threads, comm.local_size)
         torch.set_num_threads(threads.count)
-        reset_seed()  # as DDP does: PL_GLOBAL_SEED again, so random streams (dropout, torch.rand) match DDP's
+        if comm.size > 1:  # as DDP: PL_GLOBAL_SEED again, so random streams (dropout, torch.rand) match DDP's;
+            reset_seed()  # one rank is a single-device Trainer, which does not re-seed
         # torch.distributed for everybody else (samplers, user collectives, torchmetrics, SyncBatchNorm); the
         # strategy's own traffic stays on its communicator.
         distributed.init_process_group(timedelta(seconds=self._timeout) if self._timeout else None)
