@@ -36,10 +36,30 @@ class MPIProcessGroup(dist.ProcessGroup):
         super().__init__(comm.rank, comm.size)
         self.comm = comm
         self._executor = OrderedExecutor(threaded and comm.size > 1)
+        self._name = ""
+        self._description = ""
 
     @override
     def getBackendName(self) -> str:
         return BACKEND
+
+    # torch names every group; a Python group keeps the names itself (the C++ base keeps them in its backends, and
+    # this group has none): functional collectives and DeviceMesh find groups by name.
+    @override
+    def setGroupName(self, name: str) -> None:
+        self._name = name
+
+    @override
+    def getGroupName(self) -> str:
+        return self._name
+
+    @override
+    def setGroupDesc(self, description: str) -> None:
+        self._description = description
+
+    @override
+    def getGroupDesc(self) -> str:
+        return self._description
 
     def __repr__(self) -> str:
         return f"MPIProcessGroup(rank={self.comm.rank}, size={self.comm.size})"

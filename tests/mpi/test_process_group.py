@@ -235,6 +235,38 @@ def exercise(backend: str) -> Calls:
         left = (rank - 1) % size
         assert first.tolist() == [left * 10.0 + 1] * 3 and second.tolist() == [left * 10.0 + 2] * 3
 
+    # functional collectives and DeviceMesh find the group by its name (kept by the Python group itself)
+    def functional() -> list[torch.Tensor]:
+        import torch.distributed._functional_collectives as fc
+
+        world = dist.group.WORLD
+        reduced = fc.all_reduce(torch.full((2,), float(rank + 1)), "sum", world)
+        gathered = fc.all_gather_tensor(torch.full((2,), float(rank)), 0, world)
+        scattered = fc.reduce_scatter_tensor(torch.arange(2.0 * size) + rank, "sum", 0, world)
+        return [torch.as_tensor(x).clone() for x in (reduced, gathered, scattered)]
+    reduced, gathered, scattered = calls.run("functional collectives", functional)
+    assert reduced.tolist() == [float(sum(range(1, size + 1)))] * 2
+    assert gathered.tolist() == [float(r) for r in range(size) for _ in range(2)]
+    assert scattered.tolist() == [float(size * (2 * rank + i) + sum(range(size))) for i in range(2)]
+
+    def device_mesh() -> torch.Tensor:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        t = torch.ones(1)
+        dist.all_reduce(t, group=init_device_mesh("cpu", (size,)).get_group())
+        return t
+    assert calls.run("device_mesh", device_mesh).item() == float(size)
+
+    if size > 1:
+        def batched_p2p() -> torch.Tensor:
+            received = torch.empty(2)
+            ops = [dist.P2POp(dist.isend, torch.full((2,), float(rank)), (rank + 1) % size),
+                   dist.P2POp(dist.irecv, received, (rank - 1) % size)]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+            return received
+        assert calls.run("batch_isend_irecv", batched_p2p).tolist() == [float((rank - 1) % size)] * 2
+
     # sub-groups: the even ranks, then every rank but 0
     evens = list(range(0, size, 2))
     even_group = dist.new_group(evens)
