@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from contextlib import ExitStack, contextmanager
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -218,7 +217,7 @@ class MPIStrategy(ParallelStrategy):
             reset_seed()  # one rank is a single-device Trainer, which does not re-seed
         # torch.distributed for everybody else (samplers, user collectives, torchmetrics, SyncBatchNorm); the
         # strategy's own traffic stays on its communicator.
-        distributed.init_process_group(timedelta(seconds=self._timeout) if self._timeout else None)
+        distributed.init_process_group(self._timeout)
         _announce_once(
             f"lightning-mpi: {comm.size} rank(s) on {comm.num_nodes} node(s), sync={self._policy.name}, "
             f"{threads.count} torch thread(s) per rank ({threads.reason})"

@@ -105,7 +105,7 @@ class TensorCollectives:
         return self._comm.Isend(_host(wire), dest=dest, tag=tag), wire
 
     def recv(self: MPICommunicator, tensor: Tensor, source: int | None, tag: int) -> Any:
-        """Start receiving into ``tensor`` from ``source`` (``None``: any rank); :meth:`finish_recv` completes it."""
+        """Start receiving into ``tensor`` from ``source`` (``None``: any rank); ``finish_recv`` completes it."""
         into, staged = self._output(tensor)
         source = self._MPI.ANY_SOURCE if source is None else source
         return self._comm.Irecv(_host(into), source=source, tag=tag), (tensor, into, staged)
@@ -118,6 +118,7 @@ class TensorCollectives:
         return status.Get_source()
 
     def finish_recv(self: MPICommunicator, received: tuple[Tensor, Tensor, bool]) -> None:
+        """After :meth:`wait` on a receive: its data where the caller's tensor is (if it was staged)."""
         tensor, into, staged = received
         self._deliver(tensor, into, staged)
 

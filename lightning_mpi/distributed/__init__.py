@@ -39,10 +39,12 @@ def register() -> None:
         rendezvous.register_rendezvous_handler(_SCHEME, _rendezvous)
 
 
-def init_process_group(timeout: timedelta | None = None) -> None:
-    """``torch.distributed.init_process_group("mpi4py", init_method="mpi4py://")`` unless a default group exists."""
+def init_process_group(timeout: float | None = None) -> None:
+    """``torch.distributed.init_process_group("mpi4py", init_method="mpi4py://")`` unless a default group exists;
+    ``timeout``: seconds a collective may stall before the job is reported and aborted (``None``: torch's default)."""
     if not dist.is_initialized():
-        dist.init_process_group(BACKEND, init_method=f"{_SCHEME}://", timeout=timeout)
+        seconds = timedelta(seconds=timeout) if timeout else None
+        dist.init_process_group(BACKEND, init_method=f"{_SCHEME}://", timeout=seconds)
 
 
 def _rendezvous(url: str, timeout: timedelta = timedelta(minutes=30), **kwargs: Any) -> Iterator[tuple[Any, int, int]]:

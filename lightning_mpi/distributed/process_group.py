@@ -27,7 +27,7 @@ class MPIProcessGroup(dist.ProcessGroup):
     """A torch.distributed process group over an MPI communicator of its own (a duplicate: its traffic never
     mixes with the strategy's or the user's).
 
-    Collectives run in issue order (see :class:`~lightning_mpi.distributed.executor.OrderedExecutor`);
+    Collectives run in issue order (an ``OrderedExecutor``);
     ``async_op=True`` returns work that completes on the group's thread while the caller goes on. Every call is
     watched by the communicator's stall monitor (the group's ``timeout``).
     """
@@ -169,7 +169,9 @@ class MPIProcessGroup(dist.ProcessGroup):
 
         return self._run(job, opts, outputs)
 
-    allgather_coalesced = allgather
+    def allgather_coalesced(self, outputs: list[list[Tensor]], inputs: list[Tensor], opts: Any = None) -> dist.Work:
+        """``outputs[r][j]``: input ``j`` of rank ``r`` (rank first, unlike :meth:`allgather`)."""
+        return self.allgather([[per_rank[j] for per_rank in outputs] for j in range(len(inputs))], inputs, opts)
 
     def all_gather_single(self, output: Tensor, input: Tensor, opts: Any = None) -> dist.Work:
         opts = opts or dist.AllgatherOptions()

@@ -58,6 +58,9 @@ def run_rank(out: Path, backend: str, done: set[str]) -> None:
 
     import lightning_mpi  # noqa: F401 - registers the backend
 
+    from torch.testing._internal.common_distributed import TEST_SKIPS
+
+    skips = {skip.exit_code: skip.message for skip in TEST_SKIPS.values()}
     for feature in FEATURES:
         DistTestCases.backend_feature.setdefault(feature, set()).add(backend)
     if backend == "mpi4py":
@@ -81,9 +84,11 @@ def run_rank(out: Path, backend: str, done: set[str]) -> None:
         def world_size(self) -> str:
             return str(size)
 
-    names = sorted(n for n in dir(Case) if SELECTION.match(n) and n not in done)
+    only = re.compile(os.environ.get("TORCH_SUITE_ONLY", ""))
+    names = sorted(n for n in dir(Case) if SELECTION.match(n) and only.search(n) and n not in done)
     results = out / f"results-{backend}-{size}.jsonl"
     for name in names:
+        dt.Barrier.barrier_id = 0  # the harness's file barrier counts per process: every rank starts each test at 0
         if rank == 0:
             dt.Barrier.init()
             with (out / f"current-{backend}-{size}").open("w") as handle:
@@ -92,7 +97,7 @@ def run_rank(out: Path, backend: str, done: set[str]) -> None:
         outcome = unittest.TestResult()
         start = time.monotonic()
         Case(name).run(outcome)
-        status, reason = _status(outcome)
+        status, reason = _status(outcome, skips)
         record = {"test": name, "rank": rank, "status": status, "reason": reason,
                   "seconds": round(time.monotonic() - start, 2)}
         with results.open("a") as handle:
@@ -102,7 +107,12 @@ def run_rank(out: Path, backend: str, done: set[str]) -> None:
         (out / f"current-{backend}-{size}").unlink(missing_ok=True)
 
 
-def _status(outcome: unittest.TestResult) -> tuple[str, str]:
+def _status(outcome: unittest.TestResult, skips: dict[int, str]) -> tuple[str, str]:
+    for _, text in outcome.errors:
+        # PyTorch's skip decorators end the (spawned) process with an exit code that its harness reads as a skip
+        code = re.search(r"SystemExit: (\d+)\s*$", text.strip())
+        if code and int(code.group(1)) in skips:
+            return "skipped", skips[int(code.group(1))]
     if outcome.errors or outcome.failures:
         text = (outcome.errors or outcome.failures)[0][1].strip().splitlines()
         return "failed", text[-1][:300] if text else ""

@@ -127,6 +127,14 @@ def exercise(backend: str) -> Calls:
     out = calls.run("all_gather", all_gather)
     assert all(torch.equal(t, torch.full((2, 3), float(r))) for r, t in enumerate(out))
 
+    def all_gather_uneven() -> list[torch.Tensor]:
+        outs = [torch.empty(r + 1, 2) for r in range(size)]  # rank r contributes r + 1 rows
+        dist.all_gather(outs, torch.full((rank + 1, 2), float(rank)))
+        return outs
+    out = calls.run("all_gather uneven", all_gather_uneven)
+    if out is not None:
+        assert all(torch.equal(t, torch.full((r + 1, 2), float(r))) for r, t in enumerate(out))
+
     def all_gather_bf16() -> list[torch.Tensor]:
         outs = [torch.empty(4, dtype=torch.bfloat16) for _ in range(size)]
         dist.all_gather(outs, torch.full((4,), rank + 0.5, dtype=torch.bfloat16))
