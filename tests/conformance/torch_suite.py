@@ -73,7 +73,9 @@ def run_rank(out: Path, backend: str, done: set[str]) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
                                 timeout=timedelta(seconds=60))
 
-    class Case(dt.DistributedTest._DistTestBase, unittest.TestCase):  # type: ignore[misc]
+    from torch.testing._internal.common_utils import TestCase  # torch's assertions (tensor-aware assertEqual, ...)
+
+    class Case(dt.DistributedTest._DistTestBase, TestCase):  # type: ignore[misc]
         file_name = os.path.join(temp, "init_dir", "shared_init_file")
 
         @property
