@@ -16,7 +16,7 @@ from lightning.pytorch.plugins.layer_sync import LayerSync
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from torch.nn import Module
@@ -475,6 +475,13 @@ class MPIStrategy(ParallelStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        stored = checkpoint.get("lightning_mpi", {})
+        if stored.get("sync") == "ensemble" and self._policy.name != "ensemble":
+            rank_zero_warn(
+                f"{checkpoint_path} is an ensemble checkpoint of {len(stored.get('ranks', []))} member(s), loaded "
+                f"under MPIStrategy(sync={self._policy.name!r}): the model is member 0 alone. Evaluate the ensemble "
+                "with MPIStrategy(sync='ensemble') (any world size) or lightning_mpi.load_ensemble(path, MyModule)."
+            )
         self._policy.load_state_dict(checkpoint.get("lightning_mpi", {}).get("policy", {}))
         trainer = _lightning.attached_trainer(self.lightning_module)
         if self._policy.restores_rank_states(fitting=trainer is not None and trainer.state.fn == TrainerFn.FITTING):

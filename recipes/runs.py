@@ -66,9 +66,11 @@ def load_runs(
     Raises ``FileNotFoundError`` if there is no ``result.json`` at all.
     """
     files: list[Path] = []
+    unfinished: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
             files += sorted(path.rglob("result.json"))
+            unfinished += jobs_without_result(path)
         elif path.is_file():
             files.append(path)
         else:
@@ -77,7 +79,9 @@ def load_runs(
         raise FileNotFoundError(
             f"No result.json under {', '.join(map(str, paths))}: point the report at a run or multirun directory."
         )
-    runs, warnings = [], []
+    runs: list[Run] = []
+    warnings = [f"no result.json in job directory {job}: the job failed or has not finished (see its log)"
+                for job in unfinished]
     for file in files:
         try:
             result = json.loads(file.read_text())
@@ -92,6 +96,20 @@ def load_runs(
             warnings.append(f"{file} holds no configuration: it is told apart from other runs by its summary only")
         runs.append(Run(file, result, flatten(result.get("config") or {})))
     return runs, warnings
+
+
+def jobs_without_result(root: Path) -> list[Path]:
+    """Hydra job directories (those holding ``.hydra/``) under ``root`` without a ``result.json``.
+
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> for job in ("0", "1"):
+    ...     (root / job / ".hydra").mkdir(parents=True)
+    >>> _ = (root / "0" / "result.json").write_text("{}")
+    >>> [p.name for p in jobs_without_result(root)]
+    ['1']
+    """
+    return sorted(hydra.parent for hydra in root.rglob(".hydra") if not (hydra.parent / "result.json").exists())
 
 
 def varying_keys(runs: Sequence[Run], within: Callable[[Run], Hashable]) -> list[str]:
@@ -196,12 +214,15 @@ def shown(path: Path) -> str:
     'outputs/run'
     >>> shown(Path("/elsewhere/run"))
     '/elsewhere/run'
+    >>> shown(Path.cwd()) == str(Path.cwd())  # inside the job's own directory (hydra.job.chdir=True)
+    True
     """
     path = Path(path).absolute()
     try:
-        return str(path.relative_to(Path.cwd()))
+        relative = path.relative_to(Path.cwd())
     except ValueError:
         return str(path)
+    return str(path) if relative == Path(".") else str(relative)  # "." says nothing (hydra.job.chdir=True)
 
 
 def warn(messages: Iterable[str]) -> None:

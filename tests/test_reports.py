@@ -153,3 +153,13 @@ def test_classification_settings_other_than_the_seed_keep_their_rows(tmp_path: P
 def test_accuracy_axis_is_at_least_ten_points_tall() -> None:
     assert classify_report.accuracy_limits([97.3, 98.25]) == (90.0, 100.5)
     assert classify_report.accuracy_limits([61.0]) == (60.0, 100.5)
+
+
+def test_a_failed_job_of_a_sweep_is_named(tmp_path: Path, capsys) -> None:
+    for job, has_result in (("0", True), ("1", False)):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        if has_result:
+            (tmp_path / job / "result.json").write_text(json.dumps(forecast_result("LSTM", "single", 1, 0, 100.0)))
+    report.main([str(tmp_path)])
+    err = capsys.readouterr().err
+    assert f"no result.json in job directory {tmp_path / '1'}" in err, err

@@ -190,3 +190,20 @@ def test_diloco_fit_ends_on_its_last_outer_step():
     assert strategy.policy.averagings == 2
     for name, value in model.state_dict().items():
         assert torch.equal(value, last.parameters[name]), name
+
+
+def test_loading_an_ensemble_checkpoint_under_another_mode_warns(tmp_path):
+    import pytest
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    def trainer(sync: str) -> Trainer:
+        return Trainer(strategy=MPIStrategy(sync=sync), max_steps=1, logger=False, enable_progress_bar=False,
+                       enable_checkpointing=False, enable_model_summary=False)
+
+    model = BoringModel()
+    fitting = trainer("ensemble")
+    fitting.fit(model)
+    fitting.save_checkpoint(tmp_path / "ensemble.ckpt")
+    with pytest.warns(UserWarning, match="is an ensemble checkpoint of 1 member.*member 0 alone"):
+        trainer("allreduce").test(BoringModel(), ckpt_path=tmp_path / "ensemble.ckpt", verbose=False)
