@@ -203,6 +203,7 @@ class GradientAllreduce(SyncPolicy):
         self._sparse_reduced: set[int] = set()
         self._flags = FlagChannel()
         self._hooks: list[Any] = []
+        self._trainable: list[Tensor] = []
 
     def setup(self, comm: Communicator, module: Module, fitting: bool, resuming: bool) -> None:
         super().setup(comm, module, fitting, resuming)
@@ -238,6 +239,11 @@ class GradientAllreduce(SyncPolicy):
         ]
         buffers = [b for b in module.buffers() if not is_lazy(b)]
         self._buffers = ByteBucket(buffers) if buffers and self.comm.size > 1 else None
+        self._trainable = trainable
+
+    def _trainable_changed(self, module: Module) -> bool:
+        current = [p for p in module.parameters() if p.requires_grad]
+        return not _same_tensors(self._trainable, current)
 
     @property
     def loss_scale(self) -> float:
@@ -266,8 +272,11 @@ class GradientAllreduce(SyncPolicy):
     def before_backward(self, module: Module, synchronised: bool) -> None:
         if self.comm.size == 1:
             return
-        if self._buckets is None:
-            self.build_buckets(module)  # lazy modules are materialised by now (the forward ran)
+        if self._buckets is None or self._trainable_changed(module):
+            # Lazy modules are materialised by now (the forward ran); or a callback froze or unfroze parameters, or
+            # the module gained some (BackboneFinetuning, configure_model): every rank sees the change at the same
+            # step, so every rank rebuilds its buckets here alike (DDP's reducer keeps its first set).
+            self.build_buckets(module)
         assert self._buckets is not None
         for gradient_bucket in self._buckets:
             gradient_bucket.prepare()
