@@ -153,6 +153,17 @@ def shard_evaluation_dataloader(dataloader: object, replicas: int, rank: int, li
     return dataloader
 
 
+def is_sharded(dataloader: object) -> bool:
+    """Whether :func:`shard_evaluation_dataloader` gave ``dataloader`` a shard (rather than leaving it to the user)."""
+    outer = getattr(dataloader, "batch_sampler", None) if isinstance(dataloader, DataLoader) else None
+    if outer is None:
+        return False
+    inner = batch_sampler_inside_wrapper(outer)
+    return isinstance(inner, (EvenShardBatches, LimitedShardBatches)) or isinstance(
+        getattr(inner, "sampler", None), ContiguousShard
+    )
+
+
 def gather_shards(outputs: list[list[Any]], comm: Communicator) -> None:
     """Replace each rank's outputs (one list of batch outputs per dataloader) by those of every rank, in dataset
     order: shards are contiguous blocks in rank order (a collective)."""

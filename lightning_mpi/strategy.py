@@ -33,6 +33,7 @@ from lightning_mpi.environment import MPICommEnvironment
 from lightning_mpi.failure import AbortOnFailure, abort_on_uncaught_exceptions, end_job_unless_every_rank_failed
 from lightning_mpi.join import UnevenInputs
 from lightning_mpi.metrics import sync_metrics
+from lightning_mpi.sampling import is_sharded
 from lightning_mpi.nonfinite import NonFiniteGradients
 from lightning_mpi.signals import StopAgreement
 from lightning_mpi.sync import SyncPolicy, make_policy
@@ -127,6 +128,8 @@ class MPIStrategy(ParallelStrategy):
         # Lightning's accelerator connector sets this from Trainer(sync_batchnorm=True) (TorchSyncBatchNorm, which
         # refuses CPU tensors): setup uses MPISyncBatchNorm instead, on every device.
         self._layer_sync: LayerSync | None = None
+        #: whether every predict loader was sharded by us (None: none seen yet)
+        self._predictions_sharded: bool | None = None
 
     # -- what users read -----------------------------------------------------------------------------------
 
@@ -296,9 +299,13 @@ class MPIStrategy(ParallelStrategy):
                 dataloader = TensorBatches(dataloader)  # type: ignore[arg-type]
             assert self._uneven is not None
             return self._uneven.loader(dataloader, self.lightning_module)
-        if not _lightning.uses_distributed_sampler(trainer):
-            return dataloader
-        return self._policy.evaluation_loader(dataloader, _integer_evaluation_limit(trainer))
+        processed = (self._policy.evaluation_loader(dataloader, _integer_evaluation_limit(trainer))
+                     if _lightning.uses_distributed_sampler(trainer) else dataloader)
+        if trainer.state.stage == RunningStage.PREDICTING:
+            # Gathered at the end only where we sharded: a loader left to the user (iterable, own sampler) already
+            # gives each rank what it should predict, as under DDP (gathering would repeat predictions N times).
+            self._predictions_sharded = self._predictions_sharded is not False and is_sharded(processed)
+        return processed
 
     # -- communication for Lightning ---------------------------------------------------------------------
 
@@ -453,8 +460,9 @@ class MPIStrategy(ParallelStrategy):
     @override
     def on_predict_end(self) -> None:
         self._exit_evaluation()
-        if self.world_size > 1:
+        if self.world_size > 1 and self._predictions_sharded:
             self._policy.collect_predictions(_lightning.cached_predictions(self.lightning_module.trainer))
+        self._predictions_sharded = None
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
