@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Generator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -108,7 +109,10 @@ class MPIStrategy(ParallelStrategy):
             outer_optimizer, pseudo_gradient_dtype,
         )
         self._timeout = validate_timeout(timeout)
-        factory: Callable[[], Communicator] = (lambda: communicator) if communicator else (lambda: world(self._timeout))
+        # Picklable (a Trainer, its loggers and callbacks pickle as under DDP): no lambdas held.
+        factory: Callable[[], Communicator] = (
+            functools.partial(_given, communicator) if communicator else functools.partial(world, self._timeout)
+        )
         super().__init__(
             accelerator=accelerator,
             cluster_environment=MPICommEnvironment(factory),
@@ -128,6 +132,7 @@ class MPIStrategy(ParallelStrategy):
         # Lightning's accelerator connector sets this from Trainer(sync_batchnorm=True) (TorchSyncBatchNorm, which
         # refuses CPU tensors): setup uses MPISyncBatchNorm instead, on every device.
         self._layer_sync: LayerSync | None = None
+        self._abort_callback: AbortOnFailure | None = None
         #: whether every predict loader was sharded by us (None: none seen yet)
         self._predictions_sharded: bool | None = None
 
@@ -263,9 +268,11 @@ class MPIStrategy(ParallelStrategy):
         if fitting and self._policy.identical_replicas:
             check_replicas_match(self.comm, module, self.optimizers)
         self._policy.setup(self.comm, module, fitting=fitting, resuming=trainer.ckpt_path is not None)
-        sync_metrics(module, self.comm, lambda: self.is_distributed)
+        sync_metrics(module, self.comm, functools.partial(getattr, self, "is_distributed"))
         if not any(isinstance(cb, AbortOnFailure) for cb in trainer.callbacks):
-            trainer.callbacks.insert(0, AbortOnFailure(self.comm))  # first: decides before other on_exception hooks
+            # First: decides before other on_exception hooks. Removed at teardown: the user's list is theirs.
+            self._abort_callback = AbortOnFailure(self.comm)
+            trainer.callbacks.insert(0, self._abort_callback)
 
     def _apply_layer_sync(self) -> None:
         if self._policy.evaluates_all_samples:
@@ -285,6 +292,9 @@ class MPIStrategy(ParallelStrategy):
         if self._layer_sync is not None and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             assert self.model is not None
             self.model = self._layer_sync.revert(self.model)
+        if trainer is not None and self._abort_callback in trainer.callbacks:
+            trainer.callbacks.remove(self._abort_callback)
+        self._abort_callback = None
         super().teardown()
 
     @override
@@ -292,8 +302,8 @@ class MPIStrategy(ParallelStrategy):
         """Training: batches of tensor datasets by indexing, and every rank iterating in lockstep. Evaluation and
         prediction: each rank's share of the samples, as the policy decides."""
         trainer = _lightning.attached_trainer(self.lightning_module)
-        if trainer is None or trainer.state.stage is None:
-            return dataloader
+        if trainer is None or trainer.state.stage is None or self.world_size == 1:
+            return dataloader  # one rank is a single-device Trainer: the user's loaders as they are
         if trainer.state.stage == RunningStage.TRAINING:
             if self._fast_tensor_batches and TensorBatches.applies_to(dataloader):
                 dataloader = TensorBatches(dataloader)  # type: ignore[arg-type]
@@ -413,7 +423,7 @@ class MPIStrategy(ParallelStrategy):
     def _enter_evaluation(self) -> None:
         assert self.lightning_module is not None and self._uneven is not None
         self._uneven.stop_checking()
-        sync_metrics(self.lightning_module, self.comm, lambda: self.is_distributed)
+        sync_metrics(self.lightning_module, self.comm, functools.partial(getattr, self, "is_distributed"))
         self._evaluation = ExitStack()
         self._evaluation.enter_context(self._policy.evaluation(self.lightning_module))
 
@@ -512,6 +522,10 @@ class MPIStrategy(ParallelStrategy):
         strategy_registry.register(
             cls.strategy_name, cls, description="Data-parallel training over MPI (mpi4py)", override=True
         )
+
+
+def _given(communicator: Communicator) -> Communicator:
+    return communicator
 
 
 def _unwrap(optimizer: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -46,7 +47,7 @@ class Communicator:
         keep its memory (no resizing) while the returned :class:`Reduction` is in use.
         """
         check_op(tensor, op)
-        return Reduction(lambda: self.allreduce_(tensor, op))
+        return Reduction(functools.partial(self.allreduce_, tensor, op))
 
     def enable_background(self) -> bool:
         """Prepare a thread that runs reductions while the caller computes (:meth:`Reduction.start`); a collective.

@@ -69,6 +69,15 @@ class MPICommunicator(TensorCollectives, Communicator):
         self._background: _Background | None = None
         self._monitor = _Monitor(self, validate_timeout(timeout)) if self.size > 1 else None
 
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        """The job's communicator pickles as a reference to itself (a Trainer, its callbacks and loggers pickle as
+        under DDP); any other cannot be sent to another process."""
+        from lightning_mpi import comm
+
+        if comm._WORLD is not self:
+            raise TypeError("An MPICommunicator other than the job's (lightning_mpi.comm.world()) cannot be pickled.")
+        return comm.world, ()
+
     def _node_communicator(self, MPI: Any) -> Any:
         """The ranks on this rank's node: those that share memory with it, as MPI knows them. Where the launcher
         told MPI nothing about locality (Slurm's PMIx server and Open MPI 5: every rank alone in its group), the

@@ -49,7 +49,7 @@ def run_rank(out: Path, backend: str, done: set[str]) -> None:
         for sub in ("barrier", "test_dir", "init_dir"):
             os.makedirs(os.path.join(temp, sub), exist_ok=True)
     comm.Barrier()
-    os.environ.update({"BACKEND": backend, "WORLD_SIZE": str(size), "TEMP_DIR": temp,
+    os.environ.update({"PYTORCH_PRINT_REPRO_ON_FAILURE": "0", "BACKEND": backend, "WORLD_SIZE": str(size), "TEMP_DIR": temp,
                        "INIT_METHOD": "mpi4py://" if backend == "mpi4py" else "env://"})
 
     import torch.distributed as dist
@@ -117,7 +117,8 @@ def _status(outcome: unittest.TestResult, skips: dict[int, str]) -> tuple[str, s
             return "skipped", skips[int(code.group(1))]
     if outcome.errors or outcome.failures:
         text = (outcome.errors or outcome.failures)[0][1].strip().splitlines()
-        return "failed", text[-1][:300] if text else ""
+        errors = [line.strip() for line in text if re.match(r"\s*\w*(Error|Exception|Exit)\b", line)]
+        return "failed", (errors or text or [""])[-1][:300]
     if outcome.skipped:
         return "skipped", outcome.skipped[0][1][:200]
     return "passed", ""
@@ -168,28 +169,49 @@ def outcomes(out: Path, backend: str, ranks: int) -> dict[str, tuple[str, str]]:
     return merged
 
 
-def report(out: Path, ranks: list[int], seconds: float) -> str:
+def report(out: Path, ranks: list[int], seconds: float | None) -> str:
+    took = f" ({seconds:.0f} s)" if seconds else ""
     lines = ["# PyTorch's distributed tests with the mpi4py backend", "",
              "PyTorch's own `distributed_test.py` (from the installed torch wheel), the tests selected by "
              "`tests/conformance/torch_suite.py` (collectives, point-to-point, objects, groups, DDP on CPU), run "
-             "under `mpirun` with the `mpi4py` backend and with gloo as the reference.", "",
+             "under `mpirun` with the `mpi4py` backend and with gloo as the reference, every rank running the same "
+             "tests in the same order.", "",
              f"Command: `python -m tests.conformance.torch_suite --ranks {' '.join(map(str, ranks))} "
-             f"--out {out}` ({seconds:.0f} s).", ""]
-    lines += ["| ranks | tests | mpi4py passed | gloo passed | both skipped | fail with mpi4py, pass with gloo |",
-              "|---:|---:|---:|---:|---:|---:|"]
-    details = []
+             f"--out docs/conformance/torch`{took}; raw outcomes per rank in `results-<backend>-<ranks>.jsonl`.", "",
+             "| ranks | tests | mpi4py passed | gloo passed | skipped by both | fail with both | "
+             "fail with mpi4py only | fail with gloo only |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    only_mpi, both, skips = [], [], {}
     for n in ranks:
         mpi, gloo = outcomes(out, "mpi4py", n), outcomes(out, "gloo", n)
         names = sorted(set(mpi) | set(gloo))
-        worse = [t for t in names if mpi.get(t, ("?",))[0] in ("failed", "hang or crash")
-                 and gloo.get(t, ("?",))[0] == "passed"]
-        both_skipped = sum(1 for t in names if mpi.get(t, ("",))[0] == "skipped" and gloo.get(t, ("",))[0] == "skipped")
-        lines.append(f"| {n} | {len(names)} | {sum(1 for t in names if mpi.get(t, ('',))[0] == 'passed')} | "
-                     f"{sum(1 for t in names if gloo.get(t, ('',))[0] == 'passed')} | {both_skipped} | {len(worse)} |")
-        details += [f"| {n} | `{t}` | {mpi[t][0]} | {mpi[t][1].replace('|', '/')} |" for t in worse]
+
+        def status(table: dict[str, tuple[str, str]], name: str) -> str:
+            return table.get(name, ("missing", ""))[0]
+
+        bad = ("failed", "hang or crash", "missing")
+        mpi_only = [t for t in names if status(mpi, t) in bad and status(gloo, t) not in bad]
+        gloo_only = [t for t in names if status(gloo, t) in bad and status(mpi, t) not in bad]
+        failing = [t for t in names if status(mpi, t) in bad and status(gloo, t) in bad]
+        skipped = [t for t in names if status(mpi, t) == "skipped" and status(gloo, t) == "skipped"]
+        for t in skipped:
+            skips[mpi[t][1]] = skips.get(mpi[t][1], 0) + 1
+        lines.append(f"| {n} | {len(names)} | {sum(status(mpi, t) == 'passed' for t in names)} | "
+                     f"{sum(status(gloo, t) == 'passed' for t in names)} | {len(skipped)} | {len(failing)} | "
+                     f"{len(mpi_only)} | {len(gloo_only)} |")
+        only_mpi += [f"| {n} | `{t}` | {mpi[t][0]} | {_cell(mpi[t][1])} |" for t in mpi_only]
+        both += [f"| {n} | `{t}` | {_cell(mpi[t][1])} | {_cell(gloo[t][1])} |" for t in failing]
     lines += ["", "## Fails with mpi4py, passes with gloo", "", "| ranks | test | outcome | reason |",
-              "|---:|---|---|---|", *(details or ["| - | none | | |"]), ""]
+              "|---:|---|---|---|", *(only_mpi or ["| - | none | | |"]), "",
+              "## Fails with both (the harness runs PyTorch's tests outside their spawning test case)", "",
+              "| ranks | test | mpi4py | gloo |", "|---:|---|---|---|", *(both or ["| - | none | | |"]), "",
+              "## Skipped by both, by reason (tests x world sizes)", "", "| reason | count |", "|---|---:|",
+              *[f"| {_cell(reason)} | {count} |" for reason, count in sorted(skips.items(), key=lambda kv: -kv[1])], ""]
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "/").replace("\n", " ")[:200]
 
 
 def main() -> None:
@@ -200,11 +222,16 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--out", type=Path, default=Path("docs/conformance/torch"))
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one launch may take")
+    parser.add_argument("--backends", nargs="+", default=["mpi4py", "gloo"], help="run these again (others kept)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite report.md from the results in --out")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        (args.out / "report.md").write_text(report(args.out, args.ranks, None))
+        return
     start = time.monotonic()
     for n in args.ranks:
-        for backend in ("mpi4py", "gloo"):
+        for backend in args.backends:
             (args.out / f"results-{backend}-{n}.jsonl").unlink(missing_ok=True)
             launch(args.out.resolve(), backend, n, args.timeout)
     (args.out / "report.md").write_text(report(args.out, args.ranks, time.monotonic() - start))
