@@ -215,7 +215,6 @@ class MPIStrategy(ParallelStrategy):
     def setup_environment(self) -> None:
         comm = self.comm
         check_launch(self.parallel_devices or [], self.num_nodes, comm)
-        comm.set_timeout(self._timeout)  # the job's communicator is shared: the strategy in use decides
         self._stop, self._uneven = StopAgreement(comm), UnevenInputs(comm)
         self.set_world_ranks()
         abort_on_uncaught_exceptions(comm)
@@ -226,6 +225,7 @@ class MPIStrategy(ParallelStrategy):
         # torch.distributed for everybody else (samplers, user collectives, torchmetrics, SyncBatchNorm); the
         # strategy's own traffic stays on its communicator.
         distributed.init_process_group(self._timeout)
+        comm.set_timeout(self._timeout)  # the job's communicator is shared: the strategy in use decides
         _announce_once(
             f"lightning-mpi: {comm.size} rank(s) on {comm.num_nodes} node(s), sync={self._policy.name}, "
             f"{threads.count} torch thread(s) per rank ({threads.reason})"

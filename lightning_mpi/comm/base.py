@@ -121,6 +121,9 @@ class Communicator:
         """A communicator over ``ranks`` of this one; only those ranks call it."""
         return self
 
+    def free(self) -> None:
+        """Release what the communicator holds (a subgroup's MPI communicators); a collective over its ranks."""
+
     def barrier(self) -> None:
         """Block until every rank has arrived."""
 

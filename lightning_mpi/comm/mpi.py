@@ -45,7 +45,7 @@ class MPICommunicator(TensorCollectives, Communicator):
             ``None`` disables stall detection.
     """
 
-    def __init__(self, comm: Any = None, timeout: float | None = 600.0) -> None:
+    def __init__(self, comm: Any = None, timeout: float | None = 600.0, monitor: _Monitor | None = None) -> None:
         from mpi4py import MPI
 
         self._MPI = MPI
@@ -67,7 +67,18 @@ class MPICommunicator(TensorCollectives, Communicator):
         self._bytes = 0
         self._same_calls_reason: str | None = None
         self._background: _Background | None = None
-        self._monitor = _Monitor(self, validate_timeout(timeout)) if self.size > 1 else None
+        # A sub-communicator (subgroup) reports to its parent's monitor: one watchdog thread per process.
+        self._owns_monitor = monitor is None
+        self._monitor = monitor if monitor is not None or self.size == 1 else _Monitor(self, validate_timeout(timeout))
+
+    def free(self) -> None:
+        """Release the MPI communicators (every rank of this one calls it; nothing may use it afterwards)."""
+        if self._owns_monitor and self._monitor is not None:
+            self._monitor.stop()
+        self._background = None
+        for handle in (self._local, self._comm):
+            if handle != self._MPI.COMM_NULL:
+                handle.Free()
 
     def __reduce__(self) -> tuple[Any, tuple[()]]:
         """The job's communicator pickles as a reference to itself (a Trainer, its callbacks and loggers pickle as

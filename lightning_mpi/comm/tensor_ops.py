@@ -123,12 +123,13 @@ class TensorCollectives:
         self._deliver(tensor, into, staged)
 
     def subgroup(self: MPICommunicator, ranks: list[int], timeout: float | None) -> MPICommunicator:
-        """A communicator over ``ranks`` (ranks of this one, in this order); only those ranks call it."""
+        """A communicator over ``ranks`` (ranks of this one, in this order); only those ranks call it. Its calls are
+        watched by this communicator's stall monitor (no thread of its own)."""
         group = self._comm.Get_group().Incl(ranks)
         sub = self._comm.Create_group(group, tag=0)
         group.Free()
         try:
-            return type(self)(sub, timeout=timeout)
+            return type(self)(sub, timeout=timeout, monitor=self._monitor)
         finally:
             sub.Free()
 

@@ -61,5 +61,7 @@ def _create(options: Any, backend_options: Any) -> MPIProcessGroup:
     ranks = list(options.global_ranks_in_group)
     if not isinstance(parent, MPICommunicator):
         return MPIProcessGroup(Communicator(), threaded=False)
+    if not ranks and timeout:
+        parent.set_timeout(timeout)  # the default group's timeout: the job's stall monitor watches every group
     comm = parent.subgroup(ranks or list(range(parent.size)), timeout)
     return MPIProcessGroup(comm, threaded=comm.thread_multiple)

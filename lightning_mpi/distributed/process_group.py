@@ -282,8 +282,9 @@ class MPIProcessGroup(dist.ProcessGroup):
     # -- sub-groups --------------------------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Finish queued work (``destroy_process_group``)."""
+        """``destroy_process_group``: finish queued work, then release the group's MPI communicator."""
         self._executor.stop()
+        self.comm.free()
 
 
 class _P2PWork(dist.Work):

@@ -91,8 +91,9 @@ class _State:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("conformance", "lightning-mpi conformance harness")
-    group.addoption("--conformance", choices=("reference", "inject"), default=None,
-                    help="reference: record only; inject: give eligible Trainers an MPIStrategy")
+    group.addoption("--conformance", choices=("reference", "inject", "ddp"), default=None,
+                    help="reference: record only; inject: give eligible Trainers an MPIStrategy; ddp: give them "
+                         "Lightning's DDPStrategy over gloo instead (the calibration: what DDP passes)")
     group.addoption("--conformance-results", default=None, help="directory for rank<r>.jsonl (and rank<r>.log)")
     group.addoption("--conformance-skip", default=None, help="file of test ids (one per line) to deselect")
     group.addoption("--conformance-stall-timeout", type=float, default=60.0,
@@ -241,9 +242,16 @@ def _patch_accelerator_connector(state: _State) -> None:
                                    state.size)
         except Exception as exc:  # noqa: BLE001 - never let the harness's own decision break a test
             eligible, why = False, f"harness could not decide: {type(exc).__name__}: {exc}"
-        injected = eligible and state.mode == "inject"
-        if injected:
+        injected = eligible and state.mode in ("inject", "ddp")
+        if injected and state.mode == "inject":
             a["strategy"] = state.mpi_strategy(timeout=state.stall_timeout)
+        elif injected:  # DDP over gloo under the same launcher: one process per rank, Lightning's MPIEnvironment
+            from datetime import timedelta
+
+            from lightning.pytorch.strategies import DDPStrategy
+
+            a["strategy"] = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=state.stall_timeout))
+            a["devices"] = state.size
         record = {"eligible": eligible, "injected": injected, "why": why}
         state.trainers.append(record)
         state.write(event="trainer", nodeid=state.current, **record)  # known even if the test ends the job

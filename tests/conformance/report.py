@@ -19,6 +19,8 @@ COLUMNS = ("passed", "failed", "skipped", "ended")
 
 
 def _title(label: str, result: dict[str, Any]) -> str:
+    if result.get("mode") == "ddp":
+        return f"DDPStrategy over gloo, world size {result['world_size']}"
     return TITLES.get(label, f"MPIStrategy, world size {result['world_size']}")
 
 
@@ -105,7 +107,7 @@ def render(configs: dict[str, dict[str, Any]]) -> str:
                  + " |")
     lines.append("")
     for label in labels:
-        if configs[label]["mode"] == "inject":
+        if configs[label]["mode"] in ("inject", "ddp"):
             tests = configs[label]["tests"]
             injected = sum(1 for t in tests.values() if t.get("injected"))
             lines.append(f"- {label}: MPIStrategy was injected into at least one Trainer in {injected} of "
@@ -128,8 +130,9 @@ def render(configs: dict[str, dict[str, Any]]) -> str:
     lines.append("")
 
     for label in labels:
-        if label == "reference":
+        if label == "reference" or configs[label].get("mode") == "ddp":
             continue
+        ddp = configs.get(f"ddp{configs[label]['world_size']}", {}).get("tests")
         tests = configs[label]["tests"]
         broken = [n for n in passing if n in tests and tests[n]["outcome"] not in ("passed", "skipped")]
         skipped = [n for n in passing if n in tests and tests[n]["outcome"] == "skipped"]
@@ -138,15 +141,18 @@ def render(configs: dict[str, dict[str, Any]]) -> str:
         if broken:
             explained = configs[label]["world_size"] > 1
             lines += ["| test | outcome | injected | first line of the failure |"
+                      + (" DDP over gloo, same world size |" if ddp is not None else "")
                       + (" why it cannot pass under several ranks |" if explained else ""),
-                      "|---|---|---|---|" + ("---|" if explained else "")]
+                      "|---|---|---|---|" + ("---|" if ddp is not None else "") + ("---|" if explained else "")]
             for n in broken:
                 test = tests[n]
                 outcome = "ended the job" if test["outcome"] == "ended" else test["outcome"]
                 injected = "yes" if test.get("injected") else "no"
                 why = f" {reason_for(n) or '**not explained: a defect until shown otherwise**'} |" if explained else ""
+                calibration = f" {_bucket(ddp.get(n, {}).get('outcome', 'not run'))} |" if ddp is not None else ""
                 lines.append(
-                    f"| `{n.removeprefix('tests/tests_pytorch/')}` | {outcome} | {injected} | {_first_line(test)} |{why}"
+                    f"| `{n.removeprefix('tests/tests_pytorch/')}` | {outcome} | {injected} | {_first_line(test)} |"
+                    f"{calibration}{why}"
                 )
             lines.append("")
         if skipped:

@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lightning-src", required=True, type=Path, help="a Lightning source tree (its tests)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--ranks", type=int, nargs="*", default=[1, 2], help="world sizes with injection")
+    parser.add_argument("--ddp-ranks", type=int, nargs="*", default=[],
+                        help="world sizes with Lightning's DDPStrategy over gloo injected instead (the calibration)")
     parser.add_argument("--no-reference", action="store_true", help="skip the default-strategy reference run")
     parser.add_argument("--lightning-mpi-path", type=Path, default=None,
                         help="directory put first on PYTHONPATH so that `import lightning_mpi` resolves there "
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configs: list[tuple[str, int, str]] = [] if args.no_reference else [("reference", 1, "reference")]
     configs += [(f"ws{n}", n, "inject") for n in args.ranks]
+    configs += [(f"ddp{n}", n, "ddp") for n in args.ddp_ranks]
     for label, size, mode in configs:
         started = time.monotonic()
         result = run_config(args, label, size, mode, cwd, tests, src)
