@@ -153,20 +153,27 @@ def shard_evaluation_dataloader(dataloader: object, replicas: int, rank: int, li
     return dataloader
 
 
-def is_sharded(dataloader: object) -> bool:
-    """Whether :func:`shard_evaluation_dataloader` gave ``dataloader`` a shard (rather than leaving it to the user)."""
+def shard_layout(dataloader: object) -> str | None:
+    """How :func:`shard_evaluation_dataloader` split ``dataloader``: ``"blocks"`` (contiguous, in rank order),
+    ``"interleaved"`` (a limit's batches, batch ``k * replicas + rank``), or ``None`` (left to the user)."""
     outer = getattr(dataloader, "batch_sampler", None) if isinstance(dataloader, DataLoader) else None
     if outer is None:
-        return False
+        return None
     inner = batch_sampler_inside_wrapper(outer)
-    return isinstance(inner, (EvenShardBatches, LimitedShardBatches)) or isinstance(
-        getattr(inner, "sampler", None), ContiguousShard
-    )
+    if isinstance(inner, LimitedShardBatches):
+        return "interleaved"
+    if isinstance(inner, EvenShardBatches) or isinstance(getattr(inner, "sampler", None), ContiguousShard):
+        return "blocks"
+    return None
 
 
-def gather_shards(outputs: list[list[Any]], comm: Communicator) -> None:
+def gather_shards(outputs: list[list[Any]], comm: Communicator, interleaved: bool = False) -> None:
     """Replace each rank's outputs (one list of batch outputs per dataloader) by those of every rank, in dataset
-    order: shards are contiguous blocks in rank order (a collective)."""
+    order (a collective): shards are contiguous blocks in rank order, or with ``interleaved`` (a limit's batches)
+    batch ``k`` of every rank in rank order, then batch ``k + 1``."""
     for local in outputs:
         everyone = comm.allgather_object(list(local))
-        local[:] = [batch for part in everyone for batch in part]
+        if interleaved:
+            local[:] = [part[k] for k in range(max(map(len, everyone), default=0)) for part in everyone if k < len(part)]
+        else:
+            local[:] = [batch for part in everyone for batch in part]

@@ -34,7 +34,7 @@ from lightning_mpi.environment import MPICommEnvironment
 from lightning_mpi.failure import AbortOnFailure, abort_on_uncaught_exceptions, end_job_unless_every_rank_failed
 from lightning_mpi.join import UnevenInputs
 from lightning_mpi.metrics import sync_metrics
-from lightning_mpi.sampling import is_sharded
+from lightning_mpi.sampling import shard_layout
 from lightning_mpi.nonfinite import NonFiniteGradients
 from lightning_mpi.signals import StopAgreement
 from lightning_mpi.sync import SyncPolicy, make_policy
@@ -133,8 +133,8 @@ class MPIStrategy(ParallelStrategy):
         # refuses CPU tensors): setup uses MPISyncBatchNorm instead, on every device.
         self._layer_sync: LayerSync | None = None
         self._abort_callback: AbortOnFailure | None = None
-        #: whether every predict loader was sharded by us (None: none seen yet)
-        self._predictions_sharded: bool | None = None
+        #: how each predict loader of the current predict was sharded (None: left to the user)
+        self._prediction_layouts: list[str | None] = []
 
     # -- what users read -----------------------------------------------------------------------------------
 
@@ -314,7 +314,7 @@ class MPIStrategy(ParallelStrategy):
         if trainer.state.stage == RunningStage.PREDICTING:
             # Gathered at the end only where we sharded: a loader left to the user (iterable, own sampler) already
             # gives each rank what it should predict, as under DDP (gathering would repeat predictions N times).
-            self._predictions_sharded = self._predictions_sharded is not False and is_sharded(processed)
+            self._prediction_layouts.append(shard_layout(processed))
         return processed
 
     # -- communication for Lightning ---------------------------------------------------------------------
@@ -470,9 +470,10 @@ class MPIStrategy(ParallelStrategy):
     @override
     def on_predict_end(self) -> None:
         self._exit_evaluation()
-        if self.world_size > 1 and self._predictions_sharded:
-            self._policy.collect_predictions(_lightning.cached_predictions(self.lightning_module.trainer))
-        self._predictions_sharded = None
+        layouts, self._prediction_layouts = self._prediction_layouts, []
+        if self.world_size > 1 and layouts and None not in layouts:
+            predictions = _lightning.cached_predictions(self.lightning_module.trainer)
+            self._policy.collect_predictions(predictions, interleaved="interleaved" in layouts)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
@@ -543,12 +544,14 @@ def _announce_once(message: str) -> None:
 
 
 def _integer_evaluation_limit(trainer: Trainer) -> int | None:
-    """The number of batches per rank that an integer ``limit_val_batches`` / ``limit_test_batches`` allows in the
-    current stage (``None``: no integer limit; fractions and prediction are left to Lightning). The sanity check
+    """The number of batches per rank that an integer ``limit_val_batches`` / ``limit_test_batches`` /
+    ``limit_predict_batches`` allows in the current stage (``None``: no integer limit; fractions are left to
+    Lightning). The sanity check
     prepares the validation loader that fit's validation then reuses."""
     limit = {
         RunningStage.SANITY_CHECKING: trainer.limit_val_batches,
         RunningStage.VALIDATING: trainer.limit_val_batches,
         RunningStage.TESTING: trainer.limit_test_batches,
+        RunningStage.PREDICTING: trainer.limit_predict_batches,
     }.get(trainer.state.stage)  # type: ignore[arg-type]
     return limit if isinstance(limit, int) and not isinstance(limit, bool) else None

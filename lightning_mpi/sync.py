@@ -122,9 +122,10 @@ class SyncPolicy:
         ``limit``: the batches per rank an integer ``limit_val_batches``/``limit_test_batches`` allows."""
         return shard_evaluation_dataloader(dataloader, self.comm.size, self.comm.rank, limit)
 
-    def collect_predictions(self, predictions: list[list[Any]]) -> None:
-        """Turn each rank's predictions (one list of batch outputs per dataloader) into everyone's, in place."""
-        gather_shards(predictions, self.comm)
+    def collect_predictions(self, predictions: list[list[Any]], interleaved: bool = False) -> None:
+        """Turn each rank's predictions (one list of batch outputs per dataloader) into everyone's, in place, in
+        dataset order (``interleaved``: the shards of a limited prediction)."""
+        gather_shards(predictions, self.comm, interleaved)
 
     def model_state_dict(self, module: Module) -> dict[str, Any]:
         """The model state a checkpoint holds (collective: called on every rank)."""
@@ -793,7 +794,7 @@ class Ensemble(SyncPolicy):
     def evaluation_loader(self, dataloader: object, limit: int | None = None) -> object:
         return shard_evaluation_dataloader(dataloader, 1, 0)  # every member sees every sample, in order
 
-    def collect_predictions(self, predictions: list[list[Any]]) -> None:
+    def collect_predictions(self, predictions: list[list[Any]], interleaved: bool = False) -> None:
         """Every rank already holds the ensemble's predictions for every sample."""
 
     def restores_rank_states(self, fitting: bool) -> bool:

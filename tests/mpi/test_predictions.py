@@ -48,11 +48,14 @@ def main(out: Path) -> None:
     writer = Writer()
     mapped = trainer(writer).predict(Identity(), DataLoader(TensorDataset(torch.arange(10.0)), batch_size=2))
     mapped_written = [t.clone() for t in writer.received]
+    limited = Trainer(strategy=MPIStrategy(), logger=False, enable_progress_bar=False, limit_predict_batches=2)
+    limited_predictions = limited.predict(Identity(), DataLoader(TensorDataset(torch.arange(20.0)), batch_size=2))
     writer = Writer()
     iterable_trainer = trainer(writer)
     streamed = iterable_trainer.predict(Identity(), DataLoader(Three(), batch_size=1))
     torch.save({"world": iterable_trainer.world_size, "mapped": torch.cat(mapped).tolist(),
-                "mapped_written": torch.cat(mapped_written).tolist(), "streamed": torch.cat(streamed).view(-1).tolist(),
+                "mapped_written": torch.cat(mapped_written).tolist(),
+                "limited": torch.cat(limited_predictions).tolist(), "streamed": torch.cat(streamed).view(-1).tolist(),
                 "streamed_written": torch.cat(writer.received).view(-1).tolist()},
                out / f"predict.rank{iterable_trainer.global_rank}.pt")
 
@@ -68,6 +71,11 @@ def launched(request, tmp_path_factory):
 def test_sharded_predictions_come_back_once_in_dataset_order(launched):
     for r in launched.results("predict"):
         assert r["mapped"] == [float(i) for i in range(10)]
+
+
+def test_limited_predictions_are_the_first_batches_one_process_predicts(launched):
+    for r in launched.results("predict"):  # limit_predict_batches=2 per rank: one process's first 2 x world batches
+        assert r["limited"] == [float(i) for i in range(2 * 2 * launched.world)]
 
 
 def test_writer_receives_its_ranks_share_as_under_ddp(launched):
