@@ -139,16 +139,17 @@ def render(configs: dict[str, dict[str, Any]]) -> str:
         lines += [(f"## {label}: pass with the default strategy, not with {_title(label, configs[label])} "
                   f"({len(broken)})"), ""]
         if broken:
-            explained = configs[label]["world_size"] > 1
+            explained = True
             lines += ["| test | outcome | injected | first line of the failure |"
                       + (" DDP over gloo, same world size |" if ddp is not None else "")
-                      + (" why it cannot pass under several ranks |" if explained else ""),
+                      + (" why |" if explained else ""),
                       "|---|---|---|---|" + ("---|" if ddp is not None else "") + ("---|" if explained else "")]
             for n in broken:
                 test = tests[n]
                 outcome = "ended the job" if test["outcome"] == "ended" else test["outcome"]
                 injected = "yes" if test.get("injected") else "no"
-                why = f" {reason_for(n) or '**not explained: a defect until shown otherwise**'} |" if explained else ""
+                reason = reason_for(n, configs[label]["world_size"])
+                why = f" {reason or '**not explained: a defect until shown otherwise**'} |" if explained else ""
                 calibration = f" {_bucket(ddp.get(n, {}).get('outcome', 'not run'))} |" if ddp is not None else ""
                 lines.append(
                     f"| `{n.removeprefix('tests/tests_pytorch/')}` | {outcome} | {injected} | {_first_line(test)} |"
