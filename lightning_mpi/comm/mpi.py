@@ -26,6 +26,8 @@ ABORT_GRACE = 0.5
 _NUMPY_REDUCIBLE = {
     torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
 }
+# Reductions that need nothing after MPI's (no division), for any dtype of _NUMPY_REDUCIBLE.
+_IN_PLACE_OPS = frozenset(("sum", "min", "max", "product"))
 # dtypes whose gathered layouts travel as integers (see MPICommunicator._allgather_layouts), up to this many dims
 _LAYOUT_DTYPES = (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
@@ -139,6 +141,13 @@ class MPICommunicator(TensorCollectives, Communicator):
     # -- collectives -----------------------------------------------------------------------------------
 
     def allreduce_(self, tensor: Tensor, op: ReduceOpName = "sum") -> Tensor:
+        if (op in _IN_PLACE_OPS and self._same_calls_reason is None and tensor.dtype in _NUMPY_REDUCIBLE
+                and tensor.device.type == "cpu" and tensor.is_contiguous() and self.size > 1):
+            # The common case, kept lean (torch.distributed's all_reduce comes through here): MPI reads and writes
+            # the tensor's own memory.
+            self._watched_allreduce(tensor.detach().numpy(), self._ops[op], tensor)
+            self._bytes += tensor.numel() * tensor.element_size()
+            return tensor
         check_op(tensor, op)
         if self.size == 1:
             return tensor

@@ -59,6 +59,19 @@ class OrderedExecutor:
             self._running.release()
         return future
 
+    def run_if_idle(self, job: Job) -> bool:
+        """Run ``job`` now, on this thread, if nothing is pending (the fast path of synchronous calls, with no
+        future); ``False`` (and nothing run) if something is, or asynchronous calls run on the thread here."""
+        with self._state:
+            if self._pending:
+                return False
+            self._running.acquire()
+        try:
+            job()
+        finally:
+            self._running.release()
+        return True
+
     def stop(self) -> None:
         """Let queued work finish, then end the thread (before MPI is finalized)."""
         if self._thread is not None:

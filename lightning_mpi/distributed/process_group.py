@@ -23,6 +23,9 @@ _REDUCTIONS: dict[str, ReduceOpName] = {
 }
 
 
+_REDUCTIONS_BY_TYPE = {getattr(dist.ReduceOp.RedOpType, name): op for name, op in _REDUCTIONS.items()}
+
+
 class MPIProcessGroup(dist.ProcessGroup):
     """A torch.distributed process group over an MPI communicator of its own (a duplicate: its traffic never
     mixes with the strategy's or the user's).
@@ -38,6 +41,9 @@ class MPIProcessGroup(dist.ProcessGroup):
         self._executor = OrderedExecutor(threaded and comm.size > 1)
         self._name = ""
         self._description = ""
+        done: Future[Any] = Future()
+        done.set_result(None)
+        self._completed = _create_work_from_future(done)
 
     @override
     def getBackendName(self) -> str:
@@ -67,23 +73,28 @@ class MPIProcessGroup(dist.ProcessGroup):
     # -- running -----------------------------------------------------------------------------------------
 
     def _run(self, job: Callable[[], Any], opts: Any, result: Any) -> dist.Work:
-        """Run ``job`` in issue order and return work whose future holds ``result`` (what torch expects)."""
+        """Run ``job`` in issue order and return work whose future holds ``result`` (what torch expects). A
+        synchronous call with nothing pending runs at once and returns the group's completed work (no future made:
+        torch only waits on it)."""
+        asynchronous = bool(getattr(opts, "asyncOp", True))
+        if not asynchronous and self._executor.run_if_idle(job):
+            return self._completed
 
         def complete() -> Any:
             job()
             return result
 
-        future = self._executor.submit(complete, asynchronous=bool(getattr(opts, "asyncOp", True)))
-        return _create_work_from_future(future)
+        return _create_work_from_future(self._executor.submit(complete, asynchronous))
 
     def _reduction(self, opts: Any) -> ReduceOpName:
-        name = opts.reduceOp.op.name
-        if name not in _REDUCTIONS:
+        op = opts.reduceOp.op
+        name = _REDUCTIONS_BY_TYPE.get(op)
+        if name is None:
             raise ValueError(
-                f"ReduceOp.{name} is not supported by the mpi4py backend: use SUM, AVG, PRODUCT, MIN, MAX, BAND, BOR "
-                "or BXOR (multiply by the factor yourself instead of PREMUL_SUM)."
+                f"ReduceOp.{op.name} is not supported by the mpi4py backend: use SUM, AVG, PRODUCT, MIN, MAX, BAND, "
+                "BOR or BXOR (multiply by the factor yourself instead of PREMUL_SUM)."
             )
-        return _REDUCTIONS[name]
+        return name
 
     # -- reductions --------------------------------------------------------------------------------------
 
