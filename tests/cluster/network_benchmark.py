@@ -13,6 +13,8 @@ starting one variant later), inside one MPI job per link speed and Open MPI allr
   reduced on a background thread while backward goes on;
 - ``average_8``, ``average_32``: local SGD, parameters averaged every 8 / 32 steps;
 - ``ddp_gloo``: Lightning's DDPStrategy over gloo on the same link (DDP overlaps too, 25 MiB buckets);
+- ``ddp_mpi4py``: the same DDPStrategy over lightning-mpi's ``mpi4py`` process-group backend (DDP's buckets and its
+  overlap with backward, the reductions over MPI);
 - ``handwritten``: a plain PyTorch loop with one flat mpi4py ``Allreduce`` of the gradients per step.
 
 Communication time: a raw in-place mpi4py ``Allreduce`` of the same bytes between the two nodes, median of
@@ -41,6 +43,7 @@ VARIANTS = (
     "average_8",
     "average_32",
     "ddp_gloo",
+    "ddp_mpi4py",
     "handwritten",
 )
 #: Open MPI's allreduce algorithms compared (MCA parameters of its ``coll/tuned`` component, given to mpirun):
@@ -104,6 +107,22 @@ class _StepTimer:
         return [b - a for a, b in itertools.pairwise(self.ends)]
 
 
+_GROUPS_STARTED = [0]
+
+
+def _default_group_for(variant: str) -> None:
+    """Each variant on the process group it names: MPIStrategy starts an mpi4py group and a DDP variant reuses
+    whatever group exists, so one of another backend is destroyed first (a new store port for each new group)."""
+    import torch.distributed as dist
+
+    wanted = {"ddp_gloo": "gloo", "ddp_mpi4py": "mpi4py"}.get(variant, "mpi4py")
+    if dist.is_initialized() and dist.get_backend() != wanted:
+        dist.destroy_process_group()
+    if not dist.is_initialized():
+        _GROUPS_STARTED[0] += 1
+        os.environ["MASTER_PORT"] = str(29517 + _GROUPS_STARTED[0])
+
+
 def _lightning_steps(variant: str, steps: int) -> tuple[list[float], float]:
     """Step times of one Lightning variant, and the bytes this rank sent per step (0 if unknown)."""
     from lightning.pytorch import Callback, Trainer
@@ -129,13 +148,15 @@ def _lightning_steps(variant: str, steps: int) -> tuple[list[float], float]:
         "average_8": lambda: MPIStrategy(sync="average", every_n_steps=8, num_threads=1),
         "average_32": lambda: MPIStrategy(sync="average", every_n_steps=32, num_threads=1),
         "ddp_gloo": lambda: DDPStrategy(process_group_backend="gloo", cluster_environment=LightningEnvironment()),
+        "ddp_mpi4py": lambda: DDPStrategy(process_group_backend="mpi4py", cluster_environment=LightningEnvironment()),
     }
+    _default_group_for(variant)
     strategy = strategies[variant]()
     trainer = Trainer(
         accelerator="cpu",
         strategy=strategy,
         devices=1,
-        num_nodes=world if variant == "ddp_gloo" else 1,
+        num_nodes=world if variant.startswith("ddp_") else 1,
         max_steps=steps,
         logger=False,
         enable_checkpointing=False,
@@ -337,7 +358,7 @@ def report(out: Path) -> str:
         "|---|" + "---:|" * (len(runs) + 1),
     ]
     for v in variants:
-        sent = runs[0]["bytes_per_step"].get(v, 0) / 2**20 if v != "ddp_gloo" else runs[0]["gradient_bytes"] / 2**20
+        sent = runs[0]["bytes_per_step"].get(v, 0) / 2**20 if not v.startswith("ddp_") else runs[0]["gradient_bytes"] / 2**20
         cells = [f"{r['step_s'][v] * 1e3:.0f}" for r in runs]
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {sent:.1f} |")
     lines.append(
