@@ -31,7 +31,8 @@ source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"
 # The tables the benchmarks write next to their results (recipes/benchmark.py, tests/cluster/network_benchmark.py,
 # recipes/time_to_accuracy.py) are data, not pages: a page includes them or links their directory.
-exclude_patterns = ["_build", "README.md", "benchmark/*.md", "network/*.md", "time-to-accuracy/*.md", "conformance/torch/*.md"]
+exclude_patterns = ["_build", "README.md", "benchmark/*.md", "network/*.md", "time-to-accuracy/*.md", "conformance/torch/*.md", "distributed-benchmark/*.md",
+                    "network-distributed/*.md"]
 myst_enable_extensions = ["colon_fence"]
 myst_heading_anchors = 3
 
