@@ -45,9 +45,10 @@ class MPICommunicator(TensorCollectives, Communicator):
         comm: the mpi4py communicator to use; it is duplicated so our traffic never mixes with the user's.
         timeout: seconds a collective may take before the job is reported as stalled and aborted;
             ``None`` disables stall detection.
+        monitor: the stall monitor of a parent communicator to report to (a subgroup's), instead of one of its own.
     """
 
-    def __init__(self, comm: Any = None, timeout: float | None = 600.0, monitor: _Monitor | None = None) -> None:
+    def __init__(self, comm: Any = None, timeout: float | None = 600.0, monitor: Any = None) -> None:
         from mpi4py import MPI
 
         self._MPI = MPI
