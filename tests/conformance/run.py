@@ -41,7 +41,23 @@ DEFAULT_SELECTION = [
     "callbacks/test_early_stopping.py",
     "callbacks/test_gradient_accumulation_scheduler.py",
     "trainer/optimization",
-    "models/test_hooks.py",
+    # the wider selection: callbacks that touch ranks, the loops, the tuner, trainer flags and connectors, loggers,
+    # the LightningModule core and the model tests
+    "callbacks/progress",
+    "callbacks/test_lr_monitor.py",
+    "callbacks/test_prediction_writer.py",
+    "callbacks/test_pruning.py",
+    "callbacks/test_stochastic_weight_avg.py",
+    "callbacks/test_weight_averaging.py",
+    "callbacks/test_timer.py",
+    "callbacks/test_finetuning_callback.py",
+    "loops",
+    "tuner",
+    "trainer/flags",
+    "trainer/connectors",
+    "loggers",
+    "core",
+    "models",
 ]
 
 

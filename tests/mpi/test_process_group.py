@@ -402,3 +402,42 @@ def test_unsupported_op_is_refused_on_every_rank(tmp_path):
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2])
+
+
+def test_mismatched_collectives_are_reported_on_every_rank_and_end_the_job(tmp_path):
+    import time
+
+    from tests.mpirun import run_mpi
+
+    script = tmp_path / "mismatch.py"
+    script.write_text(
+        "import datetime, torch, lightning_mpi, torch.distributed as dist\n"
+        "dist.init_process_group('mpi4py', init_method='mpi4py://', timeout=datetime.timedelta(seconds=3))\n"
+        "t = torch.ones(4)\n"
+        "dist.all_reduce(t) if dist.get_rank() == 0 else dist.barrier()  # a rank calls another collective\n"
+        "dist.all_reduce(t)\n"
+    )
+    start = time.monotonic()
+    result = run_mpi(2, [str(script)], timeout=120)
+    assert result.returncode != 0, "the job must end"
+    assert time.monotonic() - start < 60
+    assert "did not complete within 3 s" in result.stderr and "Aborting the job" in result.stderr
+
+
+def test_bitwise_reduction_of_floats_is_refused_on_every_rank(tmp_path):
+    from tests.mpirun import run_mpi
+
+    script = tmp_path / "band.py"
+    script.write_text(
+        "import torch, lightning_mpi, torch.distributed as dist\n"
+        "dist.init_process_group('mpi4py', init_method='mpi4py://')\n"
+        "try:\n"
+        "    dist.all_reduce(torch.ones(2), op=dist.ReduceOp.BAND)\n"
+        "except TypeError as error:\n"
+        "    print(f'rank {dist.get_rank()} refused: {error}', flush=True)\n"
+        "dist.barrier()\n"
+    )
+    result = run_mpi(2, [str(script)], timeout=120)
+    assert result.returncode == 0, result.stderr
+    for rank in range(2):
+        assert f"rank {rank} refused: The bitwise reduction 'band' needs an integer or bool tensor" in result.stdout
