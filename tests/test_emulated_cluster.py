@@ -218,7 +218,7 @@ def test_kill_9_of_the_rank_on_one_node_ends_the_job(cluster, tmp_path):
     assert cluster.pids() == []
 
 
-def test_links_are_limited_to_their_rate(cluster, capsys):
+def test_links_are_limited_to_their_rate(cluster):
     cluster.set_cpus("split")  # each node its own cores: the two ends of a transfer do not compete for one
     speeds = {}
     try:
@@ -227,8 +227,8 @@ def test_links_are_limited_to_their_rate(cluster, capsys):
             speeds[rate] = emulate.measure(cluster, repeats=3, timeout=LAUNCH_TIMEOUT)
     finally:
         cluster.set_rate("1gbit")
-    with capsys.disabled():
-        print("\nemulated link speed (Gbit/s of payload, medians):", json.dumps(speeds))
+    # captured: shown with -s or -rP, not in the quiet run's output
+    print("emulated link speed (Gbit/s of payload, medians):", json.dumps(speeds))
     one, ten = speeds["1gbit"], speeds["10gbit"]
     for key in ("tcp_node0_to_node1_gbit_s", "tcp_node1_to_node0_gbit_s", "mpi_send_gbit_s"):
         # 1 Gbit/s of frames carries ~0.94-0.96 Gbit/s of TCP payload; the burst adds at most 0.5 % on 25 MB
