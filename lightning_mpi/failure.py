@@ -11,8 +11,12 @@ from __future__ import annotations
 import sys
 from types import TracebackType
 
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from collections.abc import Callable
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies.launchers.launcher import _Launcher
+from lightning.pytorch.utilities.exceptions import SIGTERMException, _TunerExitException
 from typing_extensions import override
 
 from lightning_mpi.comm import Communicator, abort_on_exception
@@ -36,16 +40,39 @@ def end_job_unless_every_rank_failed(comm: Communicator, exception: BaseExceptio
     abort_on_exception(comm, exception)
 
 
-class AbortOnFailure(Callback):
-    """Put first among the Trainer's callbacks: decides before other ``on_exception`` hooks run, which may
-    communicate and would wait forever for ranks that did not fail."""
+class DecideOnFailure(_Launcher):
+    """MPIStrategy's launcher: the MPI launcher started the processes, so the Trainer's function runs right here;
+    when it raises, this decides at once whether every rank failed (the exception propagates) or the job must end,
+    before Lightning's ``on_exception`` hooks run, which may communicate and would wait forever for ranks that did
+    not fail. (A callback first in ``trainer.callbacks`` did this before; the user's callback list is theirs.)
 
-    def __init__(self, comm: Communicator) -> None:
-        self.comm = comm
+    Args:
+        communicator: the job's communicator, or ``None`` while it does not exist yet (nothing to decide then).
+    """
+
+    def __init__(self, communicator: Callable[[], Communicator | None]) -> None:
+        self._communicator = communicator
+
+    @property
+    @override
+    def is_interactive_compatible(self) -> bool:
+        return True
 
     @override
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        end_job_unless_every_rank_failed(self.comm, exception)
+    def launch(self, function: Callable[..., Any], *args: Any, trainer: Trainer | None = None, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except _TunerExitException:
+            raise  # the tuner's way of ending a trial on every rank alike, not a failure
+        except BaseException as exception:
+            comm = self._communicator()
+            if comm is not None:
+                end_job_unless_every_rank_failed(comm, exception)
+            raise
+
+    @override
+    def kill(self, signum: Any) -> None:
+        """Nothing to kill: the MPI launcher owns the processes."""
 
 
 def abort_on_uncaught_exceptions(comm: Communicator) -> None:

@@ -31,7 +31,7 @@ from lightning_mpi.batching import TensorBatches
 from lightning_mpi.checks import check_launch, check_replicas_match
 from lightning_mpi.comm import Communicator, TrafficMeter, reduce_op_name, validate_timeout, world
 from lightning_mpi.environment import MPICommEnvironment
-from lightning_mpi.failure import AbortOnFailure, abort_on_uncaught_exceptions, end_job_unless_every_rank_failed
+from lightning_mpi.failure import DecideOnFailure, abort_on_uncaught_exceptions, end_job_unless_every_rank_failed
 from lightning_mpi.join import UnevenInputs
 from lightning_mpi.metrics import sync_metrics
 from lightning_mpi.sampling import shard_layout
@@ -132,7 +132,6 @@ class MPIStrategy(ParallelStrategy):
         # Lightning's accelerator connector sets this from Trainer(sync_batchnorm=True) (TorchSyncBatchNorm, which
         # refuses CPU tensors): setup uses MPISyncBatchNorm instead, on every device.
         self._layer_sync: LayerSync | None = None
-        self._abort_callback: AbortOnFailure | None = None
         #: how each predict loader of the current predict was sharded (None: left to the user)
         self._prediction_layouts: list[str | None] = []
 
@@ -269,10 +268,6 @@ class MPIStrategy(ParallelStrategy):
             check_replicas_match(self.comm, module, self.optimizers)
         self._policy.setup(self.comm, module, fitting=fitting, resuming=trainer.ckpt_path is not None)
         sync_metrics(module, self.comm, functools.partial(getattr, self, "is_distributed"))
-        if not any(isinstance(cb, AbortOnFailure) for cb in trainer.callbacks):
-            # First: decides before other on_exception hooks. Removed at teardown: the user's list is theirs.
-            self._abort_callback = AbortOnFailure(self.comm)
-            trainer.callbacks.insert(0, self._abort_callback)
 
     def _apply_layer_sync(self) -> None:
         if self._policy.evaluates_all_samples:
@@ -292,9 +287,6 @@ class MPIStrategy(ParallelStrategy):
         if self._layer_sync is not None and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             assert self.model is not None
             self.model = self._layer_sync.revert(self.model)
-        if trainer is not None and self._abort_callback in trainer.callbacks:
-            trainer.callbacks.remove(self._abort_callback)
-        self._abort_callback = None
         super().teardown()
 
     @override
@@ -514,8 +506,16 @@ class MPIStrategy(ParallelStrategy):
         """Let the exception propagate if every rank failed; otherwise end the whole job (a rank that leaves alone
         would leave the others waiting forever)."""
         assert isinstance(self.cluster_environment, MPICommEnvironment)
-        if self.cluster_environment.ready:  # usually AbortOnFailure decided already
+        if self.cluster_environment.ready:  # usually the launcher decided already (then this returns at once)
             end_job_unless_every_rank_failed(self.comm, exception)
+
+    @override
+    def _configure_launcher(self) -> None:
+        self._launcher = DecideOnFailure(self._ready_communicator)
+
+    def _ready_communicator(self) -> Communicator | None:
+        assert isinstance(self.cluster_environment, MPICommEnvironment)
+        return self.cluster_environment.communicator if self.cluster_environment.ready else None
 
     @classmethod
     @override
