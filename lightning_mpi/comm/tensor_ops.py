@@ -125,13 +125,16 @@ class TensorCollectives:
     def subgroup(self: MPICommunicator, ranks: list[int], timeout: float | None) -> MPICommunicator:
         """A communicator over ``ranks`` (ranks of this one, in this order); only those ranks call it. Its calls are
         watched by this communicator's stall monitor (no thread of its own)."""
-        group = self._comm.Get_group().Incl(ranks)
-        sub = self._comm.Create_group(group, tag=0)
-        group.Free()
-        try:
-            return type(self)(sub, timeout=timeout, monitor=self._monitor)
-        finally:
-            sub.Free()
+        # Creating it is collective (over its ranks): watched like any collective, so a rank that never comes is
+        # reported instead of hanging the others.
+        with self._collective(f"new process group of ranks {ranks}"):
+            group = self._comm.Get_group().Incl(ranks)
+            sub = self._comm.Create_group(group, tag=0)
+            group.Free()
+            try:
+                return type(self)(sub, timeout=timeout, monitor=self._monitor)
+            finally:
+                sub.Free()
 
     # -- outputs ---------------------------------------------------------------------------------------
 

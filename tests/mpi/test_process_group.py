@@ -441,3 +441,21 @@ def test_bitwise_reduction_of_floats_is_refused_on_every_rank(tmp_path):
     assert result.returncode == 0, result.stderr
     for rank in range(2):
         assert f"rank {rank} refused: The bitwise reduction 'band' needs an integer or bool tensor" in result.stdout
+
+
+def test_a_rank_that_never_joins_the_group_is_reported_and_ends_the_job(tmp_path):
+    from tests.mpirun import run_mpi
+
+    script = tmp_path / "absent.py"
+    script.write_text(
+        "import datetime, time, lightning_mpi, torch.distributed as dist\n"
+        "from lightning_mpi.comm import world\n"
+        "if world().rank == 0:\n"
+        "    dist.init_process_group('mpi4py', init_method='mpi4py://', timeout=datetime.timedelta(seconds=3))\n"
+        "else:\n"
+        "    time.sleep(100)  # busy elsewhere: never creates the group\n"
+    )
+    result = run_mpi(2, [str(script)], timeout=90)
+    assert result.returncode != 0
+    assert "new process group of ranks [0, 1] did not complete within 3 s" in result.stderr
+    assert "ranks that did not arrive: [1]" in result.stderr
