@@ -96,10 +96,10 @@ def one_process_loss(state: dict, batches: int) -> float:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    from tests.mpirun import Launch, run_mpi
+    from tests.mpirun import launch_scenario
 
     out = tmp_path_factory.mktemp("parity")
-    return {which: Launch(2, out, run_mpi(2, ["-m", __name__, str(out), which], timeout=300)) for which in ("mpi", "ddp")}
+    return {which: launch_scenario(__name__, 2, out, which, timeout=300) for which in ("mpi", "ddp")}
 
 
 def test_random_stream_and_parameters_equal_ddp(launched):

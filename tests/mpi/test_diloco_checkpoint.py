@@ -46,10 +46,10 @@ def main(out: Path) -> None:
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def launched(request, tmp_path_factory):
-    from tests.mpirun import Launch, run_mpi
+    from tests.mpirun import launch_scenario
 
     out = tmp_path_factory.mktemp(f"diloco{request.param}")
-    return Launch(request.param, out, run_mpi(request.param, ["-m", __name__, str(out)], timeout=300))
+    return launch_scenario(__name__, request.param, out, timeout=300)
 
 
 def test_last_checkpoint_holds_the_model_fit_returns(launched):

@@ -43,10 +43,10 @@ def main(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    from tests.mpirun import Launch, run_mpi
+    from tests.mpirun import launch_scenario
 
     out = tmp_path_factory.mktemp("precisions")
-    return Launch(2, out, run_mpi(2, ["-m", __name__, str(out)], timeout=420))
+    return launch_scenario(__name__, 2, out, timeout=420)
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -326,12 +326,12 @@ def main(out: Path, backend: str) -> None:
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def launched(request, tmp_path_factory):
-    from tests.mpirun import Launch, run_mpi
+    from tests.mpirun import launch_scenario
 
     world = request.param
     out = tmp_path_factory.mktemp(f"pg{world}")
     launches = {
-        backend: Launch(world, out, run_mpi(world, ["-m", __name__, str(out), backend], timeout=300))
+        backend: launch_scenario(__name__, world, out, backend, timeout=300)
         for backend in ("mpi4py", "gloo")
     }
     return world, {backend: launch.results(backend) for backend, launch in launches.items()}

@@ -179,11 +179,11 @@ def global_batches(per_rank_epochs: list[list[list[int]]]) -> list[list[int]]:
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def launched(request, tmp_path_factory):
-    from tests.mpirun import Launch, run_mpi
+    from tests.mpirun import launch_scenario
 
     world = request.param
     out = tmp_path_factory.mktemp(f"torchdist{world}")
-    return Launch(world, out, run_mpi(world, ["-m", __name__, str(out)], timeout=420))
+    return launch_scenario(__name__, world, out, timeout=420)
 
 
 def test_mpi_strategy_starts_torch_distributed_over_mpi(launched):

@@ -82,10 +82,10 @@ def reference(steps: list[list[int]]) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
 def launched(request, tmp_path_factory):
-    from tests.mpirun import Launch, run_mpi
+    from tests.mpirun import launch_scenario
 
     out = tmp_path_factory.mktemp(f"unfreeze{request.param}")
-    return Launch(request.param, out, run_mpi(request.param, ["-m", __name__, str(out)], timeout=300))
+    return launch_scenario(__name__, request.param, out, timeout=300)
 
 
 def test_unfrozen_parameters_are_synchronised(launched):

@@ -74,10 +74,10 @@ def main(out: Path, which: str) -> None:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    from tests.mpirun import Launch, run_mpi
+    from tests.mpirun import launch_scenario
 
     out = tmp_path_factory.mktemp("averaging_callbacks")
-    return {which: Launch(2, out, run_mpi(2, ["-m", __name__, str(out), which], timeout=400)) for which in ("mpi", "ddp")}
+    return {which: launch_scenario(__name__, 2, out, which, timeout=400) for which in ("mpi", "ddp")}
 
 
 @pytest.mark.parametrize("callback", CALLBACKS)
