@@ -24,15 +24,25 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 project = "lightning-mpi"
 author = "lightning-mpi contributors"
 copyright = "lightning-mpi contributors"
-release = version = "0.1.0"
+import lightning_mpi  # noqa: E402 - the version has one source: the package
+
+release = version = lightning_mpi.__version__
 
 extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon"]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"
-# The tables the benchmarks write next to their results (recipes/benchmark.py, tests/cluster/network_benchmark.py,
+# The tables the benchmarks write next to their results (recipes/benchmark.py, tools/cluster/network_benchmark.py,
 # recipes/time_to_accuracy.py) are data, not pages: a page includes them or links their directory.
-exclude_patterns = ["_build", "README.md", "benchmark/*.md", "network/*.md", "time-to-accuracy/*.md", "conformance/torch/*.md", "distributed-benchmark/*.md",
-                    "network-distributed/*.md"]
+exclude_patterns = [
+    "_build",
+    "README.md",
+    "benchmark/*.md",
+    "network/*.md",
+    "time-to-accuracy/*.md",
+    "conformance/torch/*.md",
+    "distributed-benchmark/*.md",
+    "network-distributed/*.md",
+]
 myst_enable_extensions = ["colon_fence"]
 myst_heading_anchors = 3
 

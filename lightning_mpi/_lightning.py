@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.trainer.states import RunningStage
 
 
 def request_stop(trainer: Trainer) -> None:
@@ -66,8 +67,50 @@ def is_lightning_default(owner: object, parent: type, hook: str) -> bool:
     return getattr(getattr(owner, hook, None), "__func__", None) is getattr(parent, hook)
 
 
+def batch_hooks_are_lightnings(module: LightningModule) -> bool:
+    """Whether the module's and its datamodule's ``transfer_batch_to_device`` and ``on_after_batch_transfer`` are
+    Lightning's defaults (then a CPU batch needs no walk)."""
+    from lightning.pytorch import LightningDataModule
+
+    trainer = attached_trainer(module)
+    datamodule = getattr(trainer, "datamodule", None)  # a property Lightning's types do not show
+    owners = ((module, LightningModule), (datamodule, LightningDataModule))
+    return all(
+        is_lightning_default(owner, parent, hook)
+        for owner, parent in owners
+        if owner is not None
+        for hook in ("transfer_batch_to_device", "on_after_batch_transfer")
+    )
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside a ``LightningOptimizer`` (or ``optimizer`` itself)."""
+    return getattr(optimizer, "_optimizer", optimizer)
+
+
+def stage(module: LightningModule | None) -> RunningStage | None:
+    """The stage of the Trainer ``module`` is attached to (``None``: none, or no loop running)."""
+    trainer = attached_trainer(module)
+    return trainer.state.stage if trainer is not None else None
+
+
+def set_rank_zero(rank: int) -> None:
+    """Tell Lightning's rank-zero utilities (``rank_zero_only``, ``rank_zero_info``, ...) this process's rank."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+
+    # Lightning keeps the rank as an attribute of the function object, which its type does not declare.
+    rank_zero_only.rank = utils_rank_zero_only.rank = rank  # type: ignore[attr-defined]
+
+
+_AFTER_INIT: list[Callable[[Trainer], None]] = []
+
+
 def after_every_trainer_init(check: Callable[[Trainer], None]) -> None:
-    """Run ``check(trainer)`` after every ``Trainer.__init__`` of this process (once installed, idempotent)."""
+    """Run ``check(trainer)`` after every ``Trainer.__init__`` of this process (each check once, in the order
+    given)."""
+    if check not in _AFTER_INIT:
+        _AFTER_INIT.append(check)
     init = Trainer.__init__
     if getattr(init, "lightning_mpi", False):
         return
@@ -75,10 +118,11 @@ def after_every_trainer_init(check: Callable[[Trainer], None]) -> None:
     @functools.wraps(init)
     def checked_init(trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         init(trainer, *args, **kwargs)
-        check(trainer)
+        for after in _AFTER_INIT:
+            after(trainer)
 
     checked_init.lightning_mpi = True  # type: ignore[attr-defined]
-    Trainer.__init__ = checked_init  # type: ignore[method-assign]
+    Trainer.__init__ = checked_init  # type: ignore[method-assign,assignment]
 
 
 def keep_one_process_runs_away_from_mpi() -> None:
@@ -120,9 +164,18 @@ def ignore_foreign_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
+def ignore_srun_hint() -> None:
+    """Under an MPI launcher, filter Lightning's "The `srun` command is available on your system but is not used"
+    (its hint, plain ``srun python ...``, would start worlds of one rank: see README's Slurm section)."""
+    from lightning.fabric.utilities.warnings import PossibleUserWarning
+
+    warnings.filterwarnings(
+        "ignore", message="The `srun` command is available on your system", category=PossibleUserWarning
+    )
+
+
 def lightning_loggers() -> list[logging.Logger]:
     """The loggers Lightning prints through (``Seed set to 0``, ``GPU available: ...``). Lightning gives each a
     console handler of its own (the subpackages' only when the root logger had none when Lightning was imported;
     the ``lightning`` package's always, which its subpackages reach once they propagate)."""
     return [logging.getLogger(name) for name in ("lightning", "lightning.pytorch", "lightning.fabric")]
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,7 +19,7 @@ class TensorBatches:
     ``batch_sampler`` stay reachable, so Lightning still sets the epoch of a distributed sampler.
     """
 
-    def __init__(self, loader: DataLoader) -> None:
+    def __init__(self, loader: DataLoader[Any]) -> None:
         self.loader = loader
         self.dataset: TensorDataset = loader.dataset  # type: ignore[assignment]
         self.sampler = loader.sampler

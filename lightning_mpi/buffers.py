@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -14,6 +15,21 @@ DEFAULT_BUCKET_MB = 25.0
 #: call's progress engine polls the core that backward needs (measured between 2 emulated nodes, README's
 #: "Gradients at network speed": 16 MiB matched or beat 4 and 1 MiB at 1 and 10 Gbit/s).
 OVERLAP_BUCKET_MB = 16.0
+
+
+def validate_bucket_mb(bucket_mb: float | None) -> float | None:
+    """``bucket_mb`` as given, if it is a positive finite number or ``None``; a ``ValueError`` naming it otherwise."""
+    if bucket_mb is not None and (
+        isinstance(bucket_mb, bool)
+        or not isinstance(bucket_mb, (int, float))
+        or not math.isfinite(bucket_mb)
+        or bucket_mb <= 0
+    ):
+        raise ValueError(
+            f"bucket_mb={bucket_mb!r} is not valid: give the capacity of a communication buffer in MiB (a positive "
+            "number, e.g. 25), or None for the default."
+        )
+    return bucket_mb
 
 
 class Bucket:
@@ -64,7 +80,8 @@ class ByteBucket:
             end += -(-size // self._ALIGN) * self._ALIGN
         self.flat = torch.zeros(end, dtype=torch.uint8, device=self.tensors[0].device if self.tensors else "cpu")
         self.views = [
-            self.flat[start : start + size].view(t.dtype).view(t.shape) for start, size, t in zip(starts, sizes, self.tensors)
+            self.flat[start : start + size].view(t.dtype).view(t.shape)
+            for start, size, t in zip(starts, sizes, self.tensors)
         ]
 
     def pack(self) -> Tensor:

@@ -1,22 +1,34 @@
-"""Checkpoint files of MPIStrategy: written once and atomically; ensembles keep every member."""
+"""MPIStrategy's part of a checkpoint: the only code that reads or writes the ``"lightning_mpi"`` section.
+
+Files are written once (rank 0) and atomically. The section (absent when there is nothing beyond Lightning's own
+checkpoint, as under gradient allreduce) holds::
+
+    {"format": FORMAT_VERSION, "sync": "average", "world_size": 2, "policy": {...the policy's state_dict...},
+     "ranks": [{"state_dict": ..., "optimizer_states": [...]}, ...]}   # where ranks hold different states
+
+Files written before the format had a number carry no ``"format"`` and have the layout of version 1.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from argparse import Namespace
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
-from lightning.fabric.utilities.data import AttributeDict
-from torch import Tensor
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.nn import Module
 
 from lightning_mpi.comm import Communicator
-from lightning_mpi.sync import SyncPolicy, combiner
+
+if TYPE_CHECKING:
+    from lightning_mpi.policies import SyncPolicy
+
+#: The layout of the ``"lightning_mpi"`` section this version writes; it reads this one and every older one.
+FORMAT_VERSION = 1
+SECTION = "lightning_mpi"
 
 
 def strategy_state(
@@ -31,34 +43,78 @@ def strategy_state(
     policy_state = policy.state_dict()
     if not (policy.ranks_differ or policy_state):
         return {}  # nothing beyond Lightning's own checkpoint (gradient allreduce: the same file as DDP's)
-    state: dict[str, Any] = {"sync": policy.name, "world_size": comm.size, "policy": policy_state}
+    state: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "sync": policy.name,
+        "world_size": comm.size,
+        "policy": policy_state,
+    }
     if policy.ranks_differ:
         own = {"state_dict": policy.rank_state_dict(module), "optimizer_states": optimizer_states}
         state["ranks"] = comm.gather_object(own, root=0)
     return state
 
 
-def restore_rank_state(checkpoint: dict[str, Any], rank: int, world_size: int) -> None:
-    """Put this rank's own model and optimizer state (if the checkpoint has them) where Lightning loads from."""
-    ranks = checkpoint.get("lightning_mpi", {}).get("ranks")
-    if ranks is None:
+def checkpoint_section(checkpoint: dict[str, Any], path: Any = None) -> dict[str, Any]:
+    """The ``"lightning_mpi"`` section of a loaded checkpoint (empty if it has none); a ``ValueError`` if a newer
+    version of lightning-mpi wrote it in a layout this one does not know."""
+    section: dict[str, Any] = checkpoint.get(SECTION) or {}
+    version = section.get("format", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path or 'This checkpoint'} has lightning-mpi checkpoint format {version!r}, newer than the format "
+            f"{FORMAT_VERSION} this version reads: upgrade lightning-mpi to load it."
+        )
+    return section
+
+
+def restore(
+    checkpoint: dict[str, Any], policy: SyncPolicy, rank: int, world_size: int, fitting: bool, path: Any = None
+) -> None:
+    """Give ``policy`` its stored state and, where it continues from each rank's own state, put this rank's model
+    and optimizer state where Lightning loads from (on every rank)."""
+    section = checkpoint_section(checkpoint, path)
+    if section.get("sync") == "ensemble" and policy.name != "ensemble":
+        rank_zero_warn(
+            f"{path} is an ensemble checkpoint of {len(section.get('ranks', []))} member(s), loaded under "
+            f"MPIStrategy(sync={policy.name!r}): the model is member 0 alone. Evaluate the ensemble with "
+            "MPIStrategy(sync='ensemble') (any world size) or lightning_mpi.load_ensemble(path, MyModule)."
+        )
+    policy.load_state_dict(section.get("policy", {}))
+    ranks = section.get("ranks")
+    if ranks is None or not policy.restores_rank_states(fitting):
         return
     if len(ranks) != world_size:
+        hint = (
+            " (An ensemble checkpoint also loads in one process with load_ensemble().)"
+            if (section.get("sync") == "ensemble")
+            else ""
+        )
         raise ValueError(
-            f"This checkpoint holds the state of {len(ranks)} ranks but the job runs {world_size}: resume it with "
-            f"mpirun -n {len(ranks)}. (An ensemble checkpoint also loads in one process with load_ensemble().)"
+            f"{path or 'This checkpoint'} holds the state of {len(ranks)} ranks but the job runs {world_size}: resume "
+            f"it with mpirun -n {len(ranks)}.{hint}"
         )
     checkpoint["state_dict"] = ranks[rank]["state_dict"]
     checkpoint["optimizer_states"] = ranks[rank]["optimizer_states"]
 
 
-def save(io: CheckpointIO, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-    """Save ``checkpoint`` through ``io`` at ``filepath`` (the path as given: every plugin writes where it is told).
+def save(
+    io: CheckpointIO,
+    checkpoint: dict[str, Any],
+    filepath: Any,
+    storage_options: Any = None,
+    section: dict[str, Any] | None = None,
+) -> None:
+    """Save ``checkpoint`` with ``section`` (from :func:`strategy_state`; none if empty) through ``io`` at
+    ``filepath`` (the path as given: every plugin writes where it is told). ``checkpoint`` itself is not changed:
+    callbacks' ``on_save_checkpoint`` saw the dict they were given.
 
     Lightning's default IO writes a local file atomically: into a temporary file that an fsspec transaction moves
     into place. Its temporary file is made in the checkpoint's own directory here, so that the move is a rename (a
     move from another filesystem, such as a node-local ``/tmp``, is a copy that a crash can cut short).
     """
+    if section:
+        checkpoint = {**checkpoint, SECTION: section}
     path = os.fspath(filepath)
     if type(io) is TorchCheckpointIO and "://" not in path:
         directory = os.path.dirname(os.path.abspath(path))
@@ -94,62 +150,3 @@ def remove_partial_checkpoints(directory: str) -> list[str]:
             os.remove(entry.path)
             removed.append(entry.name)
     return removed
-
-
-class EnsembleModel(Module):
-    """The members of an MPI ensemble in one process, combined like MPIStrategy combines them.
-
-    ``forward`` returns what the ensemble forward returns under MPI (e.g. log vote shares for hard voting);
-    :meth:`member_outputs` returns the members' own outputs, stacked.
-
-    Attributes:
-        members: the members, plain modules (a ``torch.nn.ModuleList``), in rank order.
-        voting: how ``forward`` combines them: ``"hard"``, ``"soft"``, ``"mean"`` or ``"median"``.
-    """
-
-    def __init__(self, members: list[Module], voting: str = "hard") -> None:
-        super().__init__()
-        self.members = torch.nn.ModuleList(members)
-        self.voting = voting
-        self._combine = combiner(voting)
-
-    def member_outputs(self, *args: Any, **kwargs: Any) -> Tensor:
-        """Every member's output for the same input, ``[members, batch, ...]``."""
-        return torch.stack([member(*args, **kwargs) for member in self.members])
-
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        return self._combine(self.member_outputs(*args, **kwargs))
-
-
-def load_ensemble(
-    path: str | os.PathLike,
-    build: Callable[..., Module],
-    map_location: Any = "cpu",
-    weights_only: bool = True,
-) -> EnsembleModel:
-    """Build an :class:`EnsembleModel` from an ensemble checkpoint written by ``MPIStrategy(sync="ensemble")``.
-
-    ``build`` makes one fresh member: a LightningModule class (called with the checkpoint's hyperparameters)
-    or any function returning a module. The file is read with ``torch.load(weights_only=True)``: tensors,
-    containers and primitives only (plus Lightning's hyperparameter containers), so a file from elsewhere cannot
-    run code while it loads. Pass ``weights_only=False`` only for files you trust that need more (for example
-    hyperparameters holding arbitrary objects).
-    """
-    with torch.serialization.safe_globals(_SAFE_GLOBALS):
-        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
-    state = checkpoint.get("lightning_mpi", {})
-    members = [rank["state_dict"] for rank in state.get("ranks", [])]
-    if state.get("sync") != "ensemble" or not members:
-        raise ValueError(f"{path} is not an ensemble checkpoint (written by MPIStrategy(sync='ensemble')).")
-    hparams = checkpoint.get("hyper_parameters", {})
-    modules = []
-    for member_state in members:
-        module = build(**hparams) if isinstance(build, type) else build()
-        module.load_state_dict(member_state)
-        modules.append(module.eval())
-    voting = state.get("policy", {}).get("voting", state.get("voting", "hard"))
-    return EnsembleModel(modules, voting)
-
-
-# Plain hyperparameter containers that Lightning may store in a checkpoint.
-_SAFE_GLOBALS = [AttributeDict, Namespace]

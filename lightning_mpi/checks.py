@@ -62,13 +62,15 @@ def check_launcher_agrees(mpi_size: int | None = None) -> None:
     # A task of srun (not a rank of mpirun/mpiexec inside an allocation: those set their own size variables, and
     # Hydra's MPI_LOCALNRANKS next to PMI_SIZE, which srun --mpi=pmi2 sets alone).
     srun_task = (
-        os.environ.get("SLURM_STEP_NUM_TASKS") == str(tasks) and variable in ("SLURM_STEP_NUM_TASKS", "PMI_SIZE")
+        os.environ.get("SLURM_STEP_NUM_TASKS") == str(tasks)
+        and variable in ("SLURM_STEP_NUM_TASKS", "PMI_SIZE")
         and "MPI_LOCALNRANKS" not in os.environ
     )
     if srun_task:
         plugin = os.environ.get("SLURM_MPI_TYPE", "none")
         cause = (
-            f"srun's MPI plugin {plugin!r} does not fit {library or 'the MPI library'}" if plugin != "none"
+            f"srun's MPI plugin {plugin!r} does not fit {library or 'the MPI library'}"
+            if plugin != "none"
             else "srun started the tasks without an MPI plugin (--mpi=none, the default of many sites)"
         )
         fix = (
@@ -80,8 +82,8 @@ def check_launcher_agrees(mpi_size: int | None = None) -> None:
     else:
         cause = "the launcher and the MPI library mpi4py loaded seem to come from different MPI implementations"
         fix = (
-            "Launch with the mpirun (mpiexec) of the MPI that mpi4py uses: `python -c \"from mpi4py import MPI; "
-            "print(MPI.Get_library_version())\"` names it."
+            'Launch with the mpirun (mpiexec) of the MPI that mpi4py uses: `python -c "from mpi4py import MPI; '
+            'print(MPI.Get_library_version())"` names it.'
         )
     raise RuntimeError(f"{what}\nCause: {cause}.\nFix: {fix}")
 
@@ -140,13 +142,13 @@ def warn_about_plain_trainers() -> None:
 
     Such a job trains one independent model per rank, which is rarely what ``mpirun -n N`` meant.
     """
+    after_every_trainer_init(_warn_if_plain)
 
-    def check(trainer: Any) -> None:
-        if not trainer_builds_distributed(trainer):
-            rank_zero_warn(
-                f"lightning-mpi: this script runs under an MPI launcher with {launcher_size()} ranks, but the Trainer "
-                f"uses {type(trainer.strategy).__name__}: every rank will train its own, independent model. Pass "
-                "Trainer(strategy=MPIStrategy()) (or strategy='mpi') to train one model on all ranks."
-            )
 
-    after_every_trainer_init(check)
+def _warn_if_plain(trainer: Any) -> None:
+    if not trainer_builds_distributed(trainer):
+        rank_zero_warn(
+            f"lightning-mpi: this script runs under an MPI launcher with {launcher_size()} ranks, but the Trainer "
+            f"uses {type(trainer.strategy).__name__}: every rank will train its own, independent model. Pass "
+            "Trainer(strategy=MPIStrategy()) (or strategy='mpi') to train one model on all ranks."
+        )

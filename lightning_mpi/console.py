@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
 from lightning_mpi._lightning import lightning_loggers
 
 
@@ -61,3 +63,13 @@ def into_rank_log(rank: int) -> None:
         for handler in consoles:
             logger.removeHandler(handler)
         logger.propagate = True
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def announce_once(message: str) -> None:
+    """Rank 0 prints ``message`` the first time only (fit, test and predict each set the environment up)."""
+    if message not in _ANNOUNCED:
+        _ANNOUNCED.add(message)
+        rank_zero_info(message)

@@ -33,6 +33,10 @@ class MPICommEnvironment(ClusterEnvironment):
         """Whether the communicator exists (creating it is a collective, done in ``setup_environment``)."""
         return self._communicator is not None
 
+    def ready_communicator(self) -> Communicator | None:
+        """The communicator if it exists already, else ``None`` (never creates it)."""
+        return self._communicator
+
     @property
     @override
     def creates_processes_externally(self) -> bool:
@@ -79,3 +83,8 @@ class MPICommEnvironment(ClusterEnvironment):
     @override
     def node_rank(self) -> int:
         return self.communicator.node_rank if self.ready else 0
+
+
+def given(communicator: Communicator) -> Communicator:
+    """A communicator factory's body for ``MPIStrategy(communicator=...)`` (with ``functools.partial``: picklable)."""
+    return communicator

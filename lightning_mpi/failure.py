@@ -9,9 +9,8 @@ must propagate on every rank as in one process, so that ``on_exception`` callbac
 from __future__ import annotations
 
 import sys
-from types import TracebackType
-
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 
 from lightning.pytorch import Trainer

@@ -1,4 +1,4 @@
-"""Files that readers see whole or not at all: results, plots (checkpoints: see :func:`lightning_mpi.checkpoint.save`)."""
+"""Files that readers see whole or not at all: results and plots (checkpoints: see lightning_mpi.checkpoint)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it to ``path``: a reader (or a crash)
     finds the old file or the complete new one, never part of one. Returns ``path``.
 
@@ -44,12 +44,12 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~_current_umask()
 
 
-def write_json(path: str | os.PathLike, payload: Any) -> Path:
+def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
     """``payload`` as indented JSON (other objects as their ``str``), atomically."""
     return write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, default=str)))
 
 
-def save_figure(figure: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+def save_figure(figure: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
     """A matplotlib figure, in the format of ``path``'s suffix, atomically."""
     suffix = Path(path).suffix.lstrip(".") or "png"
     return write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format=suffix))

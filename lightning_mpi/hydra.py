@@ -63,14 +63,19 @@ PER_RANK_HYDRA = {
 
 @dataclass
 class MPIStrategyConfig:
-    """The arguments of :class:`~lightning_mpi.MPIStrategy` (the ``strategy/mpi_strategy`` schema)."""
+    """The arguments of :class:`~lightning_mpi.MPIStrategy` (the ``strategy/mpi_strategy`` schema).
 
-    _target_: str = "lightning_mpi.MPIStrategy"
+    The mode's options (``every_n_steps`` ... ``pseudo_gradient_dtype``, owned by the policy classes of
+    :mod:`lightning_mpi.policies`) are ``None`` here when not given: :func:`mpi_strategy` passes on only those
+    given, so each keeps its policy's default, and one given to the wrong mode is refused by name.
+    """
+
+    _target_: str = "lightning_mpi.hydra.mpi_strategy"
     sync: str = "allreduce"
     every_n_steps: Optional[int] = None  # noqa: UP045 - OmegaConf reads Optional, not X | None, on Python 3.10
     every_n_epochs: Optional[int] = None  # noqa: UP045
-    warmup_steps: int = 0
-    average_optimizer_state: bool = False
+    warmup_steps: Optional[int] = None  # noqa: UP045
+    average_optimizer_state: Optional[bool] = None  # noqa: UP045
     voting: Optional[str] = None  # noqa: UP045
     seed: Optional[int] = None  # noqa: UP045
     bucket_mb: Optional[float] = None  # noqa: UP045
@@ -81,6 +86,16 @@ class MPIStrategyConfig:
     timeout: Optional[float] = 600.0  # noqa: UP045
     on_nonfinite: str = "ignore"
     fast_tensor_batches: bool = True
+
+
+def mpi_strategy(sync: str = "allreduce", **arguments: Any) -> Any:
+    """:class:`~lightning_mpi.MPIStrategy` from the schema's fields: the mode options left ``None`` are not given."""
+    from lightning_mpi.policies import POLICIES, options_of
+    from lightning_mpi.strategy import MPIStrategy
+
+    options = {option for policy in POLICIES.values() for option in options_of(policy)}
+    given = {k: v for k, v in arguments.items() if not (k in options and v is None)}
+    return MPIStrategy(sync, **given)
 
 
 def register_configs() -> None:

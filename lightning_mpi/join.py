@@ -44,7 +44,8 @@ class StepStatus(NamedTuple):
         return not all(self.active)
 
     @property
-    def count(self) -> int:
+    def contributing(self) -> int:
+        """How many ranks have a batch of their own."""
         return sum(self.active)
 
     @property
@@ -82,7 +83,9 @@ class UnevenInputs:
     def loader(self, dataloader: Any, module: LightningModule | None) -> Any:
         """The training loader every rank iterates in lockstep (``dataloader`` itself in one process, or where
         ``training_step(dataloader_iter)`` pulls its own batches: there is no batch per step to bridge)."""
-        pulls = module is not None and is_param_in_hook_signature(module.training_step, "dataloader_iter", explicit=True)
+        pulls = module is not None and is_param_in_hook_signature(
+            module.training_step, "dataloader_iter", explicit=True
+        )
         if self.comm.size == 1 or pulls:
             return dataloader
         return JoinedBatches(dataloader, self.comm, self)
@@ -135,7 +138,7 @@ class UnevenInputs:
 
     def count_backward(self) -> None:
         self._backwards += 1
-        self._contributions += self.current.count if self.current is not None else self.comm.size
+        self._contributions += self.current.contributing if self.current is not None else self.comm.size
 
     def gradient_weight(self) -> float:
         """Factor for gradients summed over ranks since the last synchronisation (each a ``1/N`` share), so that

@@ -1,10 +1,12 @@
-"""torchmetrics over MPI.
+"""Metrics and logged values over MPI.
 
-torchmetrics synchronises a metric on ``compute()`` only when ``torch.distributed`` is initialised, which is
-never the case under :class:`~lightning_mpi.MPIStrategy`. :func:`sync_metrics` points every metric found in a
-module (including those inside ``ModuleDict`` and ``MetricCollection``) at an MPI all-gather instead. The
-strategy does this for the LightningModule during setup and before every evaluation loop; call it yourself for
-metrics that live outside the module::
+torchmetrics synchronises a metric on ``compute()`` through ``torch.distributed`` when it is initialised (under
+:class:`~lightning_mpi.MPIStrategy` it is: the ``"mpi4py"`` group), and not at all otherwise.
+:func:`sync_metrics` points every metric found in a module (including those inside ``ModuleDict`` and
+``MetricCollection``) at the strategy's communicator directly, and leaves them unsynchronised where the strategy
+is not distributed (an ensemble's evaluation, where every rank already sees every sample). The strategy does this
+for the LightningModule during setup and before every evaluation loop; call it yourself for metrics that live
+outside the module::
 
     from lightning_mpi import sync_metrics
     accuracy = torchmetrics.Accuracy(task="multiclass", num_classes=10)
@@ -16,10 +18,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.nn import Module
 
-from lightning_mpi.comm import Communicator, world
+from lightning_mpi.comm import Communicator, reduce_op_name, world
 
 
 class _MPIGather:
@@ -32,9 +35,7 @@ class _MPIGather:
         return self.comm.allgather(tensor)
 
 
-def sync_metrics(
-    module: Module, comm: Communicator | None = None, active: Callable[[], bool] | None = None
-) -> int:
+def sync_metrics(module: Module, comm: Communicator | None = None, active: Callable[[], bool] | None = None) -> int:
     """Make every torchmetrics ``Metric`` in ``module`` (or ``module`` itself) sync over MPI on ``compute()``.
 
     A metric that already has its own ``dist_sync_fn`` is left alone. Returns how many metrics were attached.
@@ -62,3 +63,16 @@ def _available(comm: Communicator) -> Callable[[], bool]:
         return comm.size > 1
 
     return available
+
+
+def reduce_logged(comm: Communicator, tensor: Tensor | Any, reduce_op: Any = "mean") -> Tensor | Any:
+    """A reduced copy of ``tensor`` over all ranks, as Lightning's ``Strategy.reduce`` (``self.log(...,
+    sync_dist=True)``) expects: non-tensors come back as they are, integers averaged with ``"mean"`` as floats
+    (Lightning's dtype for logged values)."""
+    if not isinstance(tensor, Tensor):
+        return tensor
+    op = reduce_op_name(reduce_op)
+    out = tensor.detach().clone()
+    if op == "mean" and not out.is_floating_point():
+        out = out.to(torch.get_default_dtype())
+    return comm.allreduce_(out, op)

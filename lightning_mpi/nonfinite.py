@@ -8,13 +8,14 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 if TYPE_CHECKING:
-    from lightning_mpi.sync import SyncPolicy
+    from lightning_mpi.policies import SyncPolicy
 
 
 class NonFiniteGradients:
-    """``"ignore"`` (e.g. AMP's gradient scaler handles them), ``"skip"`` (every rank drops the step's gradients,
-    so the optimizer does not move; listed in :attr:`skipped_steps`) or ``"raise"`` (``FloatingPointError`` on
-    every rank)."""
+    """What ``MPIStrategy(on_nonfinite=...)`` does when any rank's gradients hold NaN or inf after backward:
+    ``"ignore"`` (the default; e.g. AMP's gradient scaler handles them), ``"skip"`` (every rank drops the step's
+    gradients, so the optimizer does not move; listed in :attr:`skipped_steps`) or ``"raise"``
+    (``FloatingPointError`` on every rank). The decision is the same on every rank."""
 
     CHOICES = ("ignore", "skip", "raise")
 

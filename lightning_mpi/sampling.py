@@ -7,6 +7,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.trainer.states import RunningStage
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, Sampler
 
 from lightning_mpi._lightning import (
@@ -55,7 +57,9 @@ class EvenShardBatches(Sampler[list[int]]):
     [6, 6]
     """
 
-    def __init__(self, indices: Sequence[int], batch_size: int, replicas: int, rank: int, drop_last: bool = False) -> None:
+    def __init__(
+        self, indices: Sequence[int], batch_size: int, replicas: int, rank: int, drop_last: bool = False
+    ) -> None:
         n = len(indices)
         if n < replicas:
             raise ValueError(
@@ -81,13 +85,13 @@ class EvenShardBatches(Sampler[list[int]]):
         return len(self.batches)
 
 
-def _base_order(sampler: Sampler) -> list[int]:
+def _base_order(sampler: Sampler[Any]) -> list[int]:
     """The sample order before Lightning's distributed sampler split it between ranks."""
     wrapped = sampler_inside_wrapper(sampler)
     if wrapped is not None:
-        return list(wrapped)  # type: ignore[call-overload]
+        return [int(i) for i in wrapped]  # type: ignore[attr-defined]  # a sampler: iterable
     if isinstance(sampler, DistributedSampler) or type(sampler).__name__ == "UnrepeatedDistributedSampler":
-        n = len(sampler.dataset)  # type: ignore[arg-type]
+        n = len(sampler.dataset)  # type: ignore[attr-defined]
         if getattr(sampler, "shuffle", False):
             generator = torch.Generator()
             generator.manual_seed(getattr(sampler, "seed", 0) + getattr(sampler, "epoch", 0))
@@ -107,8 +111,9 @@ class LimitedShardBatches(Sampler[list[int]]):
 
     def __init__(self, indices: Sequence[int], batch_size: int, replicas: int, rank: int, limit: int) -> None:
         order = list(indices)
-        self.batches = [order[(k * replicas + rank) * batch_size : (k * replicas + rank + 1) * batch_size]
-                        for k in range(limit)]
+        self.batches = [
+            order[(k * replicas + rank) * batch_size : (k * replicas + rank + 1) * batch_size] for k in range(limit)
+        ]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)
@@ -174,6 +179,22 @@ def gather_shards(outputs: list[list[Any]], comm: Communicator, interleaved: boo
     for local in outputs:
         everyone = comm.allgather_object(list(local))
         if interleaved:
-            local[:] = [part[k] for k in range(max(map(len, everyone), default=0)) for part in everyone if k < len(part)]
+            local[:] = [
+                part[k] for k in range(max(map(len, everyone), default=0)) for part in everyone if k < len(part)
+            ]
         else:
             local[:] = [batch for part in everyone for batch in part]
+
+
+def integer_evaluation_limit(trainer: Trainer) -> int | None:
+    """The number of batches per rank that an integer ``limit_val_batches`` / ``limit_test_batches`` /
+    ``limit_predict_batches`` allows in the current stage (``None``: no integer limit; fractions are left to
+    Lightning). The sanity check
+    prepares the validation loader that fit's validation then reuses."""
+    limit = {
+        RunningStage.SANITY_CHECKING: trainer.limit_val_batches,
+        RunningStage.VALIDATING: trainer.limit_val_batches,
+        RunningStage.TESTING: trainer.limit_test_batches,
+        RunningStage.PREDICTING: trainer.limit_predict_batches,
+    }.get(trainer.state.stage)  # type: ignore[arg-type]
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None

@@ -59,8 +59,11 @@ class StopAgreement:
             signal.signal(signal.SIGTERM, self._note)
 
     def _note(self, signum: int, frame: Any) -> None:
-        print(f"[lightning-mpi] rank {self.comm.rank} received SIGTERM: every rank stops after the same batch soon",
-              file=sys.stderr, flush=True)
+        print(
+            f"[lightning-mpi] rank {self.comm.rank} received SIGTERM: every rank stops after the same batch soon",
+            file=sys.stderr,
+            flush=True,
+        )
         self.requested = True
 
     def agreed(self, channel: FlagChannel | None) -> bool:

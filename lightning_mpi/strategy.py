@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Generator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from lightning.fabric.plugins import CheckpointIO
-from lightning.fabric.utilities.types import ReduceOp
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.accelerators import Accelerator
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import ReduceOp
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.plugins.layer_sync import LayerSync
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
-from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from torch.nn import Module
 from torch.optim import Optimizer
@@ -29,16 +27,17 @@ from lightning_mpi import checkpoint as ckpt
 from lightning_mpi._autograd import during_next_backward
 from lightning_mpi.batching import TensorBatches
 from lightning_mpi.checks import check_launch, check_replicas_match
-from lightning_mpi.comm import Communicator, TrafficMeter, reduce_op_name, validate_timeout, world
-from lightning_mpi.environment import MPICommEnvironment
+from lightning_mpi.comm import Communicator, TrafficMeter, validate_timeout, world
+from lightning_mpi.console import announce_once
+from lightning_mpi.environment import MPICommEnvironment, given
+from lightning_mpi.evaluation import Evaluation, distributed_flag
 from lightning_mpi.failure import DecideOnFailure, abort_on_uncaught_exceptions, end_job_unless_every_rank_failed
 from lightning_mpi.join import UnevenInputs
-from lightning_mpi.metrics import sync_metrics
-from lightning_mpi.sampling import shard_layout
+from lightning_mpi.metrics import reduce_logged, sync_metrics
 from lightning_mpi.nonfinite import NonFiniteGradients
+from lightning_mpi.policies import SyncPolicy, make_policy
 from lightning_mpi.signals import StopAgreement
-from lightning_mpi.sync import SyncPolicy, make_policy
-from lightning_mpi.sync_batchnorm import MPISyncBatchNorm
+from lightning_mpi.sync_batchnorm import layer_sync_for
 from lightning_mpi.threads import choose_threads
 
 
@@ -46,34 +45,20 @@ class MPIStrategy(ParallelStrategy):
     """Train one model replica per MPI rank; launch with ``mpirun -n N python train.py`` (or ``srun``).
 
     Args:
-        sync: how ranks are combined. ``"allreduce"``: gradients averaged after every stepping backward
-            (synchronous data parallel). ``"average"``: local SGD, parameters and buffers averaged every
-            ``every_n_steps`` optimizer steps and/or ``every_n_epochs`` epochs, and always at the end of fit
-            (both ``None``: only then). ``"ensemble"``: every rank trains its own member, evaluation and
-            prediction combine the members by ``voting``.
-        every_n_steps, every_n_epochs, warmup_steps, average_optimizer_state: options of ``sync="average"``,
-            see :class:`~lightning_mpi.sync.ParameterAveraging`.
-        outer_optimizer: ``sync="average"`` as DiLoCo: a factory of the outer optimizer (e.g.
-            ``functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)``; Hydra: ``_partial_``) that
-            steps the averaged changes at every synchronisation (see :class:`~lightning_mpi.diloco.OuterStep`).
-        pseudo_gradient_dtype: with ``outer_optimizer``: ``"bfloat16"`` or ``"float16"`` sends the changes in half
-            precision (summed in float32).
-        voting: ``"hard"`` (majority), ``"soft"`` (mean probability), ``"mean"`` or ``"median"`` (regression);
-            only for ``sync="ensemble"``.
-        seed: base seed of the ensemble members (default: the current torch seed); member ``r`` uses a seed
-            derived from it and ``r``.
-        bucket_mb: capacity of a flat communication buffer in MiB (default: 25 without overlap, 16 with it).
-        overlap: reduce gradient buckets while backward goes on (``sync="allreduce"``); default: off, which
-            measured faster (see :class:`~lightning_mpi.sync.GradientAllreduce`).
+        sync: how ranks are combined: ``"allreduce"`` (gradients averaged after every stepping backward, see
+            :class:`~lightning_mpi.policies.GradientAllreduce`), ``"average"`` (local SGD and DiLoCo, see
+            :class:`~lightning_mpi.policies.ParameterAveraging`), ``"ensemble"`` (one member per rank, combined at
+            evaluation, see :class:`~lightning_mpi.policies.Ensemble`), or a policy object.
+        **options: the options of the mode ``sync`` names, documented by its class
+            (``MPIStrategy("average", every_n_steps=8)`` is ``MPIStrategy(ParameterAveraging(every_n_steps=8))``);
+            an option of another mode is refused, naming the mode it belongs to.
         num_threads: torch threads per rank. Default: ``OMP_NUM_THREADS`` if set, else the cores this rank may
             use divided by the ranks sharing them.
         timeout: seconds any collective may take before the job is reported as stalled and aborted
             (``None`` or ``0``: wait forever). The job's communicator is shared by all strategies of a process: the
             strategy that sets up last decides.
-        on_nonfinite: what to do when any rank's gradients hold NaN or inf after backward: ``"ignore"`` (the
-            default; e.g. AMP's gradient scaler handles them), ``"skip"`` (every rank drops this step's
-            gradients, so the optimizer does not move; listed in ``skipped_steps``) or ``"raise"``
-            (``FloatingPointError`` on every rank). The decision is the same on every rank.
+        on_nonfinite: when any rank's gradients hold NaN or inf after backward: ``"ignore"``, ``"skip"`` or
+            ``"raise"``, the same decision on every rank (see :class:`~lightning_mpi.nonfinite.NonFiniteGradients`).
         fast_tensor_batches: serve the training batches of a plain ``DataLoader`` over a ``TensorDataset`` by
             indexing the tensors (identical batches, without per-sample fetching and collation).
         communicator: the :class:`~lightning_mpi.comm.Communicator` to use (default: all ranks of the job).
@@ -83,18 +68,8 @@ class MPIStrategy(ParallelStrategy):
 
     def __init__(
         self,
-        sync: str = "allreduce",
+        sync: str | SyncPolicy = "allreduce",
         *,
-        every_n_steps: int | None = None,
-        every_n_epochs: int | None = None,
-        warmup_steps: int = 0,
-        average_optimizer_state: bool = False,
-        voting: str | None = None,
-        seed: int | None = None,
-        bucket_mb: float | None = None,
-        overlap: bool | None = None,
-        outer_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
-        pseudo_gradient_dtype: torch.dtype | str | None = None,
         num_threads: int | None = None,
         timeout: float | None = 600.0,
         on_nonfinite: str = "ignore",
@@ -103,15 +78,13 @@ class MPIStrategy(ParallelStrategy):
         accelerator: Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
         precision_plugin: Precision | None = None,
+        **options: Any,
     ) -> None:
-        self._policy = make_policy(
-            sync, every_n_steps, every_n_epochs, warmup_steps, average_optimizer_state, voting, seed, bucket_mb, overlap,
-            outer_optimizer, pseudo_gradient_dtype,
-        )
+        self._policy = make_policy(sync, options)
         self._timeout = validate_timeout(timeout)
         # Picklable (a Trainer, its loggers and callbacks pickle as under DDP): no lambdas held.
         factory: Callable[[], Communicator] = (
-            functools.partial(_given, communicator) if communicator else functools.partial(world, self._timeout)
+            functools.partial(given, communicator) if communicator else functools.partial(world, self._timeout)
         )
         super().__init__(
             accelerator=accelerator,
@@ -128,12 +101,10 @@ class MPIStrategy(ParallelStrategy):
         # Created with the communicator, in setup_environment: building the strategy must not initialise MPI.
         self._stop: StopAgreement | None = None
         self._uneven: UnevenInputs | None = None
-        self._evaluation: ExitStack | None = None
+        self._evaluation = Evaluation()
         # Lightning's accelerator connector sets this from Trainer(sync_batchnorm=True) (TorchSyncBatchNorm, which
         # refuses CPU tensors): setup uses MPISyncBatchNorm instead, on every device.
         self._layer_sync: LayerSync | None = None
-        #: how each predict loader of the current predict was sharded (None: left to the user)
-        self._prediction_layouts: list[str | None] = []
 
     # -- what users read -----------------------------------------------------------------------------------
 
@@ -165,6 +136,12 @@ class MPIStrategy(ParallelStrategy):
         """Payload bytes this rank sent in collectives during each training epoch (see ``sync="average"``)."""
         return self._traffic.per_epoch
 
+    @property
+    def _module(self) -> LightningModule:
+        module = self.lightning_module
+        assert module is not None, "MPIStrategy's hooks run with a LightningModule attached"
+        return module
+
     # -- ranks and devices ---------------------------------------------------------------------------------
 
     @property
@@ -175,12 +152,8 @@ class MPIStrategy(ParallelStrategy):
         ensemble's evaluation: every rank sees every sample and the same combined outputs, so samplers are left
         alone and logged values and metrics must not be reduced again (sums would count N times).
         """
-        evaluating = self._stage() not in (None, RunningStage.TRAINING)
+        evaluating = _lightning.stage(self.lightning_module) not in (None, RunningStage.TRAINING)
         return self.world_size > 1 and not (self._policy.evaluates_all_samples and evaluating)
-
-    def _stage(self) -> RunningStage | None:
-        trainer = _lightning.attached_trainer(self.lightning_module)
-        return trainer.state.stage if trainer is not None else None
 
     @property
     def num_nodes(self) -> int:
@@ -202,13 +175,13 @@ class MPIStrategy(ParallelStrategy):
     @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         # Lightning's samplers shard (and pad) for training only; evaluation shards are ours (process_dataloader).
-        if self._stage() == RunningStage.TRAINING:
+        if _lightning.stage(self.lightning_module) == RunningStage.TRAINING:
             return {"num_replicas": self.world_size, "rank": self.global_rank}
         return {"num_replicas": 1, "rank": 0}
 
     def set_world_ranks(self) -> None:
         """Tell Lightning's rank-zero utilities who is rank 0 (no MPI call: the launcher's variables suffice)."""
-        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+        _lightning.set_rank_zero(self.global_rank)
 
     @override
     def setup_environment(self) -> None:
@@ -218,36 +191,25 @@ class MPIStrategy(ParallelStrategy):
         self.set_world_ranks()
         abort_on_uncaught_exceptions(comm)
         threads = choose_threads(self._num_threads, comm.local_size)
-        torch.set_num_threads(threads.count)
+        torch.set_num_threads(threads.number)
         if comm.size > 1:  # as DDP: PL_GLOBAL_SEED again, so random streams (dropout, torch.rand) match DDP's;
             reset_seed()  # one rank is a single-device Trainer, which does not re-seed
         # torch.distributed for everybody else (samplers, user collectives, torchmetrics, SyncBatchNorm); the
         # strategy's own traffic stays on its communicator.
         distributed.init_process_group(self._timeout)
         comm.set_timeout(self._timeout)  # the job's communicator is shared: the strategy in use decides
-        _announce_once(
+        announce_once(
             f"lightning-mpi: {comm.size} rank(s) on {comm.num_nodes} node(s), sync={self._policy.name}, "
-            f"{threads.count} torch thread(s) per rank ({threads.reason})"
+            f"{threads.number} torch thread(s) per rank ({threads.reason})"
         )
         super().setup_environment()
 
     @override
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         """On CPU, batches are where they must be: skip Lightning's walk over the batch unless a hook wants it."""
-        if (device or self.root_device).type == "cpu" and self._batch_hooks_are_lightnings():
+        if (device or self.root_device).type == "cpu" and _lightning.batch_hooks_are_lightnings(self._module):
             return batch
         return super().batch_to_device(batch, device, dataloader_idx)
-
-    def _batch_hooks_are_lightnings(self) -> bool:
-        module = self.lightning_module
-        trainer = _lightning.attached_trainer(module)
-        owners = ((module, LightningModule), (trainer.datamodule if trainer else None, LightningDataModule))
-        return all(
-            _lightning.is_lightning_default(owner, parent, hook)
-            for owner, parent in owners
-            if owner is not None
-            for hook in ("transfer_batch_to_device", "on_after_batch_transfer")
-        )
 
     @override
     def model_to_device(self) -> None:
@@ -263,22 +225,13 @@ class MPIStrategy(ParallelStrategy):
         assert module is not None
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting and self._layer_sync is not None:
-            self._apply_layer_sync()
+            self._layer_sync = layer_sync_for(self._policy, self._layer_sync)
+            assert self.model is not None
+            self.model = self._layer_sync.apply(self.model)
         if fitting and self._policy.identical_replicas:
             check_replicas_match(self.comm, module, self.optimizers)
         self._policy.setup(self.comm, module, fitting=fitting, resuming=trainer.ckpt_path is not None)
-        sync_metrics(module, self.comm, functools.partial(getattr, self, "is_distributed"))
-
-    def _apply_layer_sync(self) -> None:
-        if self._policy.evaluates_all_samples:
-            raise ValueError(
-                f"Trainer(sync_batchnorm=True) does not apply to MPIStrategy(sync={self._policy.name!r}): every "
-                "member normalises over its own data. Remove sync_batchnorm=True, or use sync='allreduce'."
-            )
-        if not isinstance(self._layer_sync, MPISyncBatchNorm):
-            self._layer_sync = MPISyncBatchNorm()  # torch's SyncBatchNorm refuses CPU tensors
-        assert self.model is not None
-        self.model = self._layer_sync.apply(self.model)
+        sync_metrics(module, self.comm, distributed_flag(self))
 
     @override
     def teardown(self) -> None:
@@ -300,14 +253,8 @@ class MPIStrategy(ParallelStrategy):
             if self._fast_tensor_batches and TensorBatches.applies_to(dataloader):
                 dataloader = TensorBatches(dataloader)  # type: ignore[arg-type]
             assert self._uneven is not None
-            return self._uneven.loader(dataloader, self.lightning_module)
-        processed = (self._policy.evaluation_loader(dataloader, _integer_evaluation_limit(trainer))
-                     if _lightning.uses_distributed_sampler(trainer) else dataloader)
-        if trainer.state.stage == RunningStage.PREDICTING:
-            # Gathered at the end only where we sharded: a loader left to the user (iterable, own sampler) already
-            # gives each rank what it should predict, as under DDP (gathering would repeat predictions N times).
-            self._prediction_layouts.append(shard_layout(processed))
-        return processed
+            return self._uneven.loader(dataloader, self._module)
+        return self._evaluation.loader(self._policy, trainer, dataloader)
 
     # -- communication for Lightning ---------------------------------------------------------------------
 
@@ -316,13 +263,7 @@ class MPIStrategy(ParallelStrategy):
         self, tensor: Tensor | Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
     ) -> Tensor | Any:
         """Reduce ``tensor`` over all ranks; integer tensors averaged with ``"mean"`` come back as floats."""
-        if not isinstance(tensor, Tensor):
-            return tensor
-        op = reduce_op_name(reduce_op)
-        out = tensor.detach().clone()
-        if op == "mean" and not out.is_floating_point():
-            out = out.to(torch.get_default_dtype())  # Lightning's dtype for logged values
-        return self.comm.allreduce_(out, op)
+        return reduce_logged(self.comm, tensor, reduce_op)
 
     @override
     def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
@@ -358,20 +299,21 @@ class MPIStrategy(ParallelStrategy):
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        trainer = self.lightning_module.trainer
-        assert self._stop is not None and self._uneven is not None
+        trainer = self._module.trainer
+        assert self._stop is not None
+        assert self._uneven is not None
         self.comm.context = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
-        self._uneven.next_step(self.lightning_module.automatic_optimization)
+        self._uneven.next_step(self._module.automatic_optimization)
         if self._stop.agreed(self._policy.flag_channel):
             _lightning.request_stop(trainer)  # Lightning stops at the end of this batch, on every rank alike
         if batch_idx == 0:
-            self._policy.on_train_epoch_start(self.lightning_module, self.optimizers, trainer.current_epoch)
+            self._policy.on_train_epoch_start(self._module, self.optimizers, trainer.current_epoch)
             self._traffic.start_epoch(self.comm)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        assert self.lightning_module is not None and self._uneven is not None
-        self._policy.before_training_step(self.lightning_module, self._sync_gradients, self._uneven.source)
+        assert self._uneven is not None
+        self._policy.before_training_step(self._module, self._sync_gradients, self._uneven.source)
         if self._uneven.joined:  # no batch of its own: step with the others, contributing nothing
             return self._uneven.placeholder_loss(self.root_device)
         return super().training_step(*args, **kwargs)
@@ -382,7 +324,8 @@ class MPIStrategy(ParallelStrategy):
         inside autograd (as DDP's), so that ``on_after_backward``, gradient clipping and AMP unscaling all see
         averaged gradients; the policy's loss scale spares that reduction a division."""
         module, uneven = self.lightning_module, self._uneven
-        assert module is not None and uneven is not None
+        assert module is not None
+        assert uneven is not None
         self._policy.before_backward(module, self._sync_gradients)
         uneven.count_backward()
         synchronise = self._synchronise_gradients if self._sync_gradients else None
@@ -390,53 +333,53 @@ class MPIStrategy(ParallelStrategy):
 
     def _synchronise_gradients(self) -> None:
         module, uneven = self.lightning_module, self._uneven
-        assert module is not None and uneven is not None
+        assert module is not None
+        assert uneven is not None
         self._policy.after_backward(module, weight=uneven.gradient_weight())
         self._nonfinite.check(self._policy, module)
 
     @override
     def optimizer_step(
-        self, optimizer: Optimizer, closure: Callable[[], Any], model: LightningModule | Module | None = None, **kwargs: Any
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: LightningModule | Module | None = None,
+        **kwargs: Any,
     ) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if self.optimizers and _unwrap(optimizer) is _unwrap(self.optimizers[0]):
-            self._policy.after_optimizer_step(self.lightning_module, self.optimizers)
+        if self.optimizers and _lightning.unwrap_optimizer(optimizer) is _lightning.unwrap_optimizer(
+            self.optimizers[0]
+        ):
+            self._policy.after_optimizer_step(self._module, self.optimizers)
         return output
 
     @override
     def on_train_end(self) -> None:
         assert self._uneven is not None
         self._uneven.stop_checking()
-        self._policy.on_train_end(self.lightning_module, self.optimizers)
+        self._policy.on_train_end(self._module, self.optimizers)
         self._traffic.end_epoch(self.comm)
 
     # -- evaluation ----------------------------------------------------------------------------------------
 
     def _enter_evaluation(self) -> None:
-        assert self.lightning_module is not None and self._uneven is not None
+        assert self._uneven is not None
         self._uneven.stop_checking()
-        sync_metrics(self.lightning_module, self.comm, functools.partial(getattr, self, "is_distributed"))
-        self._evaluation = ExitStack()
-        self._evaluation.enter_context(self._policy.evaluation(self.lightning_module))
-
-    def _exit_evaluation(self) -> None:
-        if self._evaluation is not None:
-            evaluation, self._evaluation = self._evaluation, None
-            evaluation.close()
+        self._evaluation.enter(self._policy, self._module, self.comm, distributed_flag(self))
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        self._policy.before_evaluation_step(self.lightning_module)
+        self._policy.before_evaluation_step(self._module)
         return super().validation_step(*args, **kwargs)
 
     @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        self._policy.before_evaluation_step(self.lightning_module)
+        self._policy.before_evaluation_step(self._module)
         return super().test_step(*args, **kwargs)
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        self._policy.before_evaluation_step(self.lightning_module)
+        self._policy.before_evaluation_step(self._module)
         return super().predict_step(*args, **kwargs)
 
     @override
@@ -445,7 +388,7 @@ class MPIStrategy(ParallelStrategy):
 
     @override
     def on_validation_end(self) -> None:
-        self._exit_evaluation()
+        self._evaluation.exit()
 
     @override
     def on_test_start(self) -> None:
@@ -453,7 +396,7 @@ class MPIStrategy(ParallelStrategy):
 
     @override
     def on_test_end(self) -> None:
-        self._exit_evaluation()
+        self._evaluation.exit()
 
     @override
     def on_predict_start(self) -> None:
@@ -461,42 +404,28 @@ class MPIStrategy(ParallelStrategy):
 
     @override
     def on_predict_end(self) -> None:
-        self._exit_evaluation()
-        layouts, self._prediction_layouts = self._prediction_layouts, []
-        if self.world_size > 1 and layouts and None not in layouts:
-            predictions = _lightning.cached_predictions(self.lightning_module.trainer)
-            self._policy.collect_predictions(predictions, interleaved="interleaved" in layouts)
+        self._evaluation.exit()
+        self._evaluation.end_prediction(self._policy, self._module.trainer, self.world_size)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        assert self.lightning_module is not None
-        return self._policy.model_state_dict(self.lightning_module)
+        return self._policy.model_state_dict(self._module)
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """Write once (rank 0); local files of the default IO atomically; an ensemble checkpoint holds every member."""
-        assert self.lightning_module is not None
-        extra = ckpt.strategy_state(self._policy, self.comm, self.lightning_module, checkpoint.get("optimizer_states", []))
-        if self.is_global_zero:  # a new dict: callbacks' on_save_checkpoint saw the dict they were given
-            ckpt.save(self.checkpoint_io, {**checkpoint, "lightning_mpi": extra} if extra else checkpoint, filepath,
-                      storage_options)
+        """Write once (rank 0); local files of the default IO atomically; see :mod:`lightning_mpi.checkpoint`."""
+        section = ckpt.strategy_state(self._policy, self.comm, self._module, checkpoint.get("optimizer_states", []))
+        if self.is_global_zero:
+            ckpt.save(self.checkpoint_io, checkpoint, filepath, storage_options, section)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        stored = checkpoint.get("lightning_mpi", {})
-        if stored.get("sync") == "ensemble" and self._policy.name != "ensemble":
-            rank_zero_warn(
-                f"{checkpoint_path} is an ensemble checkpoint of {len(stored.get('ranks', []))} member(s), loaded "
-                f"under MPIStrategy(sync={self._policy.name!r}): the model is member 0 alone. Evaluate the ensemble "
-                "with MPIStrategy(sync='ensemble') (any world size) or lightning_mpi.load_ensemble(path, MyModule)."
-            )
-        self._policy.load_state_dict(checkpoint.get("lightning_mpi", {}).get("policy", {}))
         trainer = _lightning.attached_trainer(self.lightning_module)
-        if self._policy.restores_rank_states(fitting=trainer is not None and trainer.state.fn == TrainerFn.FITTING):
-            ckpt.restore_rank_state(checkpoint, self.global_rank, self.world_size)
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        ckpt.restore(checkpoint, self._policy, self.global_rank, self.world_size, fitting, checkpoint_path)
         return checkpoint
 
     # -- failures ------------------------------------------------------------------------------------------
@@ -511,11 +440,8 @@ class MPIStrategy(ParallelStrategy):
 
     @override
     def _configure_launcher(self) -> None:
-        self._launcher = DecideOnFailure(self._ready_communicator)
-
-    def _ready_communicator(self) -> Communicator | None:
         assert isinstance(self.cluster_environment, MPICommEnvironment)
-        return self.cluster_environment.communicator if self.cluster_environment.ready else None
+        self._launcher = DecideOnFailure(self.cluster_environment.ready_communicator)
 
     @classmethod
     @override
@@ -523,35 +449,3 @@ class MPIStrategy(ParallelStrategy):
         strategy_registry.register(
             cls.strategy_name, cls, description="Data-parallel training over MPI (mpi4py)", override=True
         )
-
-
-def _given(communicator: Communicator) -> Communicator:
-    return communicator
-
-
-def _unwrap(optimizer: Any) -> Any:
-    return getattr(optimizer, "_optimizer", optimizer)
-
-
-_ANNOUNCED: set[str] = set()
-
-
-def _announce_once(message: str) -> None:
-    """Rank 0 prints ``message`` the first time only (fit, test and predict each set the environment up)."""
-    if message not in _ANNOUNCED:
-        _ANNOUNCED.add(message)
-        rank_zero_info(message)
-
-
-def _integer_evaluation_limit(trainer: Trainer) -> int | None:
-    """The number of batches per rank that an integer ``limit_val_batches`` / ``limit_test_batches`` /
-    ``limit_predict_batches`` allows in the current stage (``None``: no integer limit; fractions are left to
-    Lightning). The sanity check
-    prepares the validation loader that fit's validation then reuses."""
-    limit = {
-        RunningStage.SANITY_CHECKING: trainer.limit_val_batches,
-        RunningStage.VALIDATING: trainer.limit_val_batches,
-        RunningStage.TESTING: trainer.limit_test_batches,
-        RunningStage.PREDICTING: trainer.limit_predict_batches,
-    }.get(trainer.state.stage)  # type: ignore[arg-type]
-    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None

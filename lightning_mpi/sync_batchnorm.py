@@ -9,7 +9,7 @@ MPIStrategy swaps every ``BatchNorm*d`` for it (:class:`MPISyncBatchNorm`, a Lig
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,9 @@ from torch.nn import Module
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
+if TYPE_CHECKING:
+    from lightning_mpi.policies import SyncPolicy
+
 
 class SyncBatchNorm(_BatchNorm):
     """``BatchNorm*d`` whose training statistics cover every rank of ``process_group`` (default: the whole job).
@@ -28,9 +31,17 @@ class SyncBatchNorm(_BatchNorm):
     running statistics, which every rank updates identically.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group: Any = None, device: Any = None,
-                 dtype: Any = None) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group
 
@@ -48,7 +59,7 @@ class SyncBatchNorm(_BatchNorm):
         momentum = self._momentum()
         running_mean = self.running_mean if self.training and self.track_running_stats else None
         running_var = self.running_var if self.training and self.track_running_stats else None
-        return _SyncBatchNormFunction.apply(
+        return _SyncBatchNormFunction.apply(  # type: ignore[no-any-return,no-untyped-call]
             input, self.weight, self.bias, running_mean, running_var, self.eps, momentum, self.process_group
         )
 
@@ -62,8 +73,14 @@ class SyncBatchNorm(_BatchNorm):
     def convert(cls, module: Module, process_group: Any = None) -> Module:
         """``module`` with every ``BatchNorm*d`` (torch's ``SyncBatchNorm`` too) replaced by this class, state kept."""
         if isinstance(module, _BatchNorm) and not isinstance(module, cls):
-            converted: Module = cls(module.num_features, module.eps, module.momentum, module.affine,
-                                    module.track_running_stats, process_group)
+            converted: Module = cls(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                process_group,
+            )
             _copy_state(module, converted)
             converted._original_class = type(module)  # type: ignore[assignment]
             return converted
@@ -78,8 +95,9 @@ class SyncBatchNorm(_BatchNorm):
         """Undo :meth:`convert`: each layer back to the class it was, state kept."""
         if isinstance(module, cls):
             original = getattr(module, "_original_class", torch.nn.BatchNorm2d)
-            reverted: Module = original(module.num_features, module.eps, module.momentum, module.affine,
-                                        module.track_running_stats)
+            reverted: Module = original(
+                module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+            )
             _copy_state(module, reverted)
             return reverted
         for name, child in module.named_children():
@@ -103,9 +121,17 @@ def _copy_state(source: Module, target: Module) -> None:
 
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, input: Tensor, weight: Tensor | None, bias: Tensor | None,
-                running_mean: Tensor | None, running_var: Tensor | None, eps: float, momentum: float,
-                group: Any) -> Tensor:
+    def forward(
+        ctx: FunctionCtx,
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        eps: float,
+        momentum: float,
+        group: Any,
+    ) -> Tensor:
         channels = input.shape[1]
         dims = [d for d in range(input.dim()) if d != 1]
         x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
@@ -131,7 +157,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             out = out * weight.view(shape)
         if bias is not None:
             out = out + bias.view(shape)
-        ctx.save_for_backward(xhat, invstd, weight, total)
+        ctx.save_for_backward(xhat, invstd, weight, total)  # type: ignore[arg-type]  # None is allowed
         ctx.group = group  # type: ignore[attr-defined]
         ctx.has_bias = bias is not None  # type: ignore[attr-defined]
         return out.to(input.dtype)
@@ -145,7 +171,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dy = grad_output.to(xhat.dtype)
         sum_dy = dy.sum(dims)
         sum_dy_xhat = (dy * xhat).sum(dims)
-        grad_weight = sum_dy_xhat.clone() if weight is not None else None
         grad_bias = sum_dy.clone() if ctx.has_bias else None
         # The statistics came from every rank: so do the parts of the input gradient that flow through them.
         sums = torch.cat([sum_dy, sum_dy_xhat])
@@ -154,8 +179,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         mean_dy_xhat = (sums[channels:] / total).view(shape)
         scale = invstd.view(shape) * (weight.view(shape) if weight is not None else 1.0)
         grad_input = scale * (dy - mean_dy - xhat * mean_dy_xhat)
-        if weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+        grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None else None
         return grad_input.to(grad_output.dtype), grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -169,3 +193,14 @@ class MPISyncBatchNorm(LayerSync):
     @override
     def revert(self, model: Module) -> Module:
         return SyncBatchNorm.revert(model)
+
+
+def layer_sync_for(policy: SyncPolicy, layer_sync: LayerSync) -> MPISyncBatchNorm:
+    """The layer sync ``Trainer(sync_batchnorm=True)`` gets under MPIStrategy with ``policy``: ours on every device
+    (Lightning's ``TorchSyncBatchNorm`` refuses CPU tensors); refused where members normalise over their own data."""
+    if policy.evaluates_all_samples:
+        raise ValueError(
+            f"Trainer(sync_batchnorm=True) does not apply to MPIStrategy(sync={policy.name!r}): every member "
+            "normalises over its own data. Remove sync_batchnorm=True, or use sync='allreduce'."
+        )
+    return layer_sync if isinstance(layer_sync, MPISyncBatchNorm) else MPISyncBatchNorm()

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 
 class ThreadChoice(NamedTuple):
-    count: int
+    number: int
     reason: str
 
 
@@ -17,7 +17,7 @@ def choose_threads(requested: int | None, ranks_on_node: int) -> ThreadChoice:
     A launcher that binds each rank to its own cores (Open MPI binds to one core per rank for two ranks or
     fewer) has already divided the node: the rank then uses all the cores it is bound to.
 
-    >>> choose_threads(3, 4).count
+    >>> choose_threads(3, 4).number
     3
     """
     if requested is not None:

@@ -6,6 +6,8 @@ Every function takes ``outputs`` of shape ``[members, batch, ...]``: for classif
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -123,3 +125,27 @@ def check_fits(voting: str, outputs: Tensor) -> None:
         f"({outputs.dtype}); it needs floating-point logits [batch, classes] with at least 2 classes. For "
         "regression (one value per sample) use MPIStrategy(sync='ensemble', voting='mean') or voting='median'."
     )
+
+
+#: What each ``voting`` name combines stacked member outputs with (the ensemble forward's output).
+COMBINERS: dict[str, Callable[[Tensor], Tensor]] = {
+    "hard": hard_vote_scores,
+    "soft": soft_vote_log_probs,
+    "mean": mean_vote,
+    "median": median_vote,
+}
+
+
+def combiner(name: str) -> Callable[[Tensor], Tensor]:
+    """The function that turns stacked member outputs ``[members, batch, ...]`` into the ensemble's output.
+
+    >>> combiner("mean")(torch.tensor([[1.0], [3.0]]))
+    tensor([2.])
+    >>> combiner("vote")
+    Traceback (most recent call last):
+    ...
+    ValueError: voting='vote' is not known: choose one of ['hard', 'mean', 'median', 'soft'].
+    """
+    if name not in COMBINERS:
+        raise ValueError(f"voting={name!r} is not known: choose one of {sorted(COMBINERS)}.")
+    return COMBINERS[name]

@@ -6,7 +6,8 @@ hand-written PyTorch + mpi4py loop, and an allreduce micro-benchmark.
 Each rank count is one ``mpirun`` launch running every variant in turn (start-up is paid once); every
 variant trains the same model on the same in-memory data with the same per-rank batch and one torch thread per
 rank, and reports the median epoch time over each workload's epochs after a warm-up epoch. Variants run
-round-robin ``--repeats`` times after one untimed round; the table holds the median of the medians. Results: ``results.json``, ``benchmark.md`` and PNG plots in ``--out``.
+round-robin ``--repeats`` times after one untimed round; the table holds the median of the medians. Results:
+``results.json``, ``benchmark.md`` and PNG plots in ``--out``.
 
 The raw baselines call mpi4py directly on purpose: they are what the strategy is measured against.
 """
@@ -89,8 +90,8 @@ def epoch_timer() -> Any:
 
 def lightning_epochs(workload: str, variant: str, epochs: int) -> list[float]:
     """Epoch times of ``epochs`` epochs after a warm-up epoch, for a Lightning variant."""
-    from lightning.pytorch import Trainer
     import torch
+    from lightning.pytorch import Trainer
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -168,7 +169,7 @@ def allreduce_micro(repeats: int) -> dict[str, dict[int, float]]:
     from mpi4py import MPI
 
     from lightning_mpi.comm import MPICommunicator
-    from lightning_mpi.sync import GradientAllreduce
+    from lightning_mpi.policies import GradientAllreduce
 
     raw_comm = MPI.COMM_WORLD
     rank, _ = _world()

@@ -153,7 +153,7 @@ def _fit_fold(cfg: DictConfig, x: Tensor, y: Tensor, fold: tuple[Tensor, Tensor]
     model: LightningModule = instantiate(cfg.model)
     data = ClassificationDataModule(x, y, fold[0], fold[1], cfg.data.batch_size)
     # A one-rank communicator: this rank trains the fold alone, whatever the other ranks do meanwhile.
-    threads = choose_threads(None, world().local_size).count  # the fold trainers share this node's cores
+    threads = choose_threads(None, world().local_size).number  # the fold trainers share this node's cores
     strategy = MPIStrategy(communicator=Communicator(), num_threads=threads)
     trainer = _trainer(cfg, strategy)
     began = time.perf_counter()
@@ -224,7 +224,8 @@ def confusion(predicted: Tensor, target: Tensor, num_classes: int) -> Tensor:
 
 def _write(result: dict[str, Any], out: Path) -> None:
     write_json(out / "result.json", result)
-    title = f"{result['experiment']} on {result['data']}, {result['ranks']} rank(s): accuracy {result['metrics']['acc']:.4f}"
+    accuracy = result["metrics"]["acc"]
+    title = f"{result['experiment']} on {result['data']}, {result['ranks']} rank(s): accuracy {accuracy:.4f}"
     plot_confusion_matrix(result["confusion_matrix"], out / "confusion_matrix.png", title)
 
 

@@ -132,7 +132,8 @@ def ensemble_table(rows: Sequence[Row]) -> str:
         reduction = f"{100 * (1 - time / base):.2f} %" if base else "-"
         lines.append(
             _lead(rows, row)
-            + f"{_percent(runs, lambda r: r['metrics']['acc'])} | {100 * min(members):.2f}-{100 * max(members):.2f} % | "
+            + f"{_percent(runs, lambda r: r['metrics']['acc'])} | "
+            + f"{100 * min(members):.2f}-{100 * max(members):.2f} % | "
             + " | ".join(
                 f"{statistics.median(r['metrics'][k] for r in runs):.4f}" for k in ("precision", "recall", "f1")
             )
@@ -152,7 +153,8 @@ def speedup_table(rows: Sequence[Row]) -> str:
             _lead(rows, row)
             + f"{spread(runs, lambda r: r['train_time_s']).format('{:.1f}')} | {speedup:.2f} | "
             + f"{speedup / row.ranks:.2f} | {statistics.median(map(_mean_cpu, runs)):.1f} | "
-            + f"{_percent(runs, lambda r: r['metrics']['acc'])} | {statistics.median(r['metrics']['f1'] for r in runs):.4f} |"
+            + f"{_percent(runs, lambda r: r['metrics']['acc'])} | "
+            + f"{statistics.median(r['metrics']['f1'] for r in runs):.4f} |"
         )
     return "\n".join(lines)
 

@@ -70,8 +70,9 @@ def step_times(variant: str, steps: int) -> list[float]:
     class MLP(LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = nn.Sequential(nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 1024), nn.ReLU(),
-                                     nn.Linear(1024, 10))
+            self.net = nn.Sequential(
+                nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 1024), nn.ReLU(), nn.Linear(1024, 10)
+            )
 
         def training_step(self, batch, _):
             return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
@@ -89,13 +90,23 @@ def step_times(variant: str, steps: int) -> list[float]:
     world = int(os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("PMI_SIZE") or 1)
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(64 * world * (steps + 1), 512), torch.randint(0, 10, (64 * world * (steps + 1),)))
-    strategy = {"ddp_mpi4py": lambda: DDPStrategy(process_group_backend="mpi4py"),
-                "ddp_gloo": lambda: DDPStrategy(process_group_backend="gloo"),
-                "mpi_strategy": lambda: MPIStrategy(num_threads=1)}[variant]()
+    strategy = {
+        "ddp_mpi4py": lambda: DDPStrategy(process_group_backend="mpi4py"),
+        "ddp_gloo": lambda: DDPStrategy(process_group_backend="gloo"),
+        "mpi_strategy": lambda: MPIStrategy(num_threads=1),
+    }[variant]()
     timer = Timer()
-    Trainer(strategy=strategy, accelerator="cpu", devices=world if variant != "mpi_strategy" else "auto",
-            max_steps=steps + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, callbacks=[timer]).fit(MLP(), DataLoader(data, batch_size=64))
+    Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=world if variant != "mpi_strategy" else "auto",
+        max_steps=steps + 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    ).fit(MLP(), DataLoader(data, batch_size=64))
     return [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]  # the first step (warm-up) is left out
 
 
@@ -112,8 +123,9 @@ def rank_main(out: Path, stage: str, repeats: int) -> None:
         from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
         port = comm.bcast(find_free_network_port() if comm.Get_rank() == 0 else None)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.Get_rank(),
-                                world_size=comm.Get_size())
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.Get_rank(), world_size=comm.Get_size()
+        )
         result: object = allreduce_times(repeats)
     else:
         result = step_times(stage, steps=20)
@@ -133,14 +145,26 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.mpirun import mpi_env, launcher
+    from tools.mpirun import launcher, mpi_env
 
     mpirun, flavour = launcher()
     extra = ["--oversubscribe"] if flavour == "openmpi" else []
 
     def launch(stage: str) -> None:
-        cmd = [mpirun, "-n", str(args.ranks), *extra, sys.executable, __file__, "--rank-stage", stage,
-               "--out", str(args.out.resolve()), "--repeats", str(args.repeats)]
+        cmd = [
+            mpirun,
+            "-n",
+            str(args.ranks),
+            *extra,
+            sys.executable,
+            __file__,
+            "--rank-stage",
+            stage,
+            "--out",
+            str(args.out.resolve()),
+            "--repeats",
+            str(args.repeats),
+        ]
         subprocess.run(cmd, check=True, env=mpi_env({"OMP_NUM_THREADS": "1"}), timeout=1200)
 
     launch("allreduce")
@@ -151,13 +175,19 @@ def main() -> None:
             steps[variant] += json.loads((args.out / f"{variant}.json").read_text())
     allreduce = json.loads((args.out / "allreduce.json").read_text())
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.ranks} ranks, {flavour}"
-    results = {"machine": machine, "allreduce_seconds": allreduce,
-               "step_seconds_median": {v: statistics.median(t) for v, t in steps.items()}}
+    results = {
+        "machine": machine,
+        "allreduce_seconds": allreduce,
+        "step_seconds_median": {v: statistics.median(t) for v, t in steps.items()},
+    }
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    lines = [f"Machine: {machine}. Medians over {args.repeats} interleaved repeats (all_reduce) and 3 launches per "
-             "variant (training steps).", "",
-             "| float32 bytes | raw mpi4py Allreduce (us) | mpi4py backend (us) | ratio | gloo (us) |",
-             "|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Machine: {machine}. Medians over {args.repeats} interleaved repeats (all_reduce) and 3 launches per "
+        "variant (training steps).",
+        "",
+        "| float32 bytes | raw mpi4py Allreduce (us) | mpi4py backend (us) | ratio | gloo (us) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for size in SIZES:
         raw, ours, gloo = (allreduce[k][str(size)] * 1e6 for k in ("raw_mpi4py", "mpi4py_backend", "gloo"))
         lines.append(f"| {size:,} | {raw:.0f} | {ours:.0f} | {ours / raw:.2f} | {gloo:.0f} |")

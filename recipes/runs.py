@@ -80,8 +80,9 @@ def load_runs(
             f"No result.json under {', '.join(map(str, paths))}: point the report at a run or multirun directory."
         )
     runs: list[Run] = []
-    warnings = [f"no result.json in job directory {job}: the job failed or has not finished (see its log)"
-                for job in unfinished]
+    warnings = [
+        f"no result.json in job directory {job}: the job failed or has not finished (see its log)" for job in unfinished
+    ]
     for file in files:
         try:
             result = json.loads(file.read_text())

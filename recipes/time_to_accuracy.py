@@ -7,7 +7,7 @@ the emulated 1 Gbit/s cluster (issue 14).
 
 Without an MPI launcher this is the driver: for each of ``networks`` it launches one MPI job of ``ranks`` ranks
 running this same script (``shm``: ``mpirun`` on this machine, ranks talking over shared memory; a rate such as
-``1gbit``: the emulated cluster of ``tests/cluster/emulate.py``, one rank per node, links shaped to that rate each
+``1gbit``: the emulated cluster of ``tools/cluster/emulate.py``, one rank per node, links shaped to that rate each
 way), then writes ``results.json``, ``time_to_accuracy.md`` and ``time_to_accuracy.png`` into the output directory
 and ends with one line. Under an MPI launcher it runs one network's job: every variant of ``variants`` in turn
 (the config's order) on the same data, from the same initial weights and in the same data order, each for
@@ -423,7 +423,8 @@ def drive(cfg: DictConfig) -> dict[str, Any]:
     cluster = None
     try:
         for network in networks:
-            argv = [str(Path(__file__).resolve()), *overrides, f"output_dir={out}", f"network={network}", "report=false",
+            argv = [str(Path(__file__).resolve()), *overrides, f"output_dir={out}", f"network={network}",
+                    "report=false",
                     f"data.root={data_root}", f"hydra.run.dir={logs / _slug(network)}"]  # fmt: skip
             started = time.perf_counter()
             if network == SHM:
@@ -451,7 +452,7 @@ def _check_emulation(networks: list[str]) -> None:
         parse_rate, unavailable = _emulate().parse_rate, _emulate().unavailable
     except ImportError as error:
         raise RuntimeError(
-            f"networks {networks} need the emulated cluster of tests/cluster/emulate.py, which does not import here "
+            f"networks {networks} need the emulated cluster of tools/cluster/emulate.py, which does not import here "
             f"({error}): run from a checkout of the repository with the test extra (pip install -e .[test]), or use "
             "networks=[shm]."
         ) from error
@@ -469,10 +470,10 @@ def _check_emulation(networks: list[str]) -> None:
 
 
 def _emulate() -> Any:
-    """The emulated cluster's module, ``tests/cluster/emulate.py`` of this repository."""
+    """The emulated cluster's module, ``tools/cluster/emulate.py`` of this repository."""
     if str(ROOT) not in sys.path:
         sys.path.insert(1, str(ROOT))  # after this script's directory
-    from tests.cluster import emulate
+    from tools.cluster import emulate
 
     return emulate
 
@@ -592,20 +593,22 @@ def markdown(results: Mapping[str, Any]) -> str:
         lines += [
             "",
             (
-                f"A raw float32 allreduce of the {entry['parameters']:,} parameters ({_mb(4 * entry['parameters'])}) took "
+                f"A raw float32 allreduce of the {entry['parameters']:,} parameters "
+                f"({_mb(4 * entry['parameters'])}) took "
                 f"{entry['raw_allreduce_ms']:.2f} ms between the ranks (median)."
             ),
         ]
         if "verdict" in entry:
             v = entry["verdict"]
-            lines += ["", (f"Criterion (DiLoCo within {100 * analysis['tolerance']:g} point, >= {BYTES_FACTOR:g}x fewer bytes, less "
-                           f"time than {reference}): " + (f"met by {', '.join(v['passing'])}" if v["met"] else "not met"))]  # fmt: skip
+            verdict = f"met by {', '.join(v['passing'])}" if v["met"] else "not met"
+            lines += ["", (f"Criterion (DiLoCo within {100 * analysis['tolerance']:g} point, >= {BYTES_FACTOR:g}x "
+                           f"fewer bytes, less time than {reference}): {verdict}")]  # fmt: skip
         lines.append("")
     lines.append(
-        "Bytes: payload each rank sent in collectives (`strategy.comm.bytes_sent()`), evaluation traffic and the initial "
-        "weight broadcast left out. Times: training wall time of the slowest rank, evaluations left out. Averaging "
-        "variants are evaluated right after a synchronisation only (see recipes/time_to_accuracy.py). Load: the "
-        "machine's 1-minute load average before and after the variant (the job's own ranks make about "
+        "Bytes: payload each rank sent in collectives (`strategy.comm.bytes_sent()`), evaluation traffic and the "
+        "initial weight broadcast left out. Times: training wall time of the slowest rank, evaluations left out. "
+        "Averaging variants are evaluated right after a synchronisation only (see recipes/time_to_accuracy.py). "
+        "Load: the machine's 1-minute load average before and after the variant (the job's own ranks make about "
         f"{results['config']['ranks']}; more means other processes shared the cores and stretched the times)."
     )
     return "\n".join(lines) + "\n"
@@ -672,7 +675,8 @@ def summary(results: Mapping[str, Any], out: Path) -> str:
         diloco = [
             n for n, v in entry["variants"].items() if v["strategy"].get("outer_optimizer") and rows[n]["reached"]
         ]
-        text = (f"{network}: target {100 * entry['analysis']['target']:.2f} %, {reference} {ref['time_to_target_s']:.1f} s "
+        text = (f"{network}: target {100 * entry['analysis']['target']:.2f} %, {reference} "
+                f"{ref['time_to_target_s']:.1f} s "
                 f"{_mb(ref['bytes_to_target'])}")  # fmt: skip
         if diloco:
             best = min(diloco, key=lambda n: rows[n]["time_to_target_s"])

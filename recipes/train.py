@@ -151,7 +151,7 @@ def plot_forecast(path: Path, data: Any, forecast: np.ndarray, result: dict[str,
 
 
 def summary(result: dict[str, Any], out: Path) -> str:
-    """The run in one line: model, strategy and ranks, test RMSE against the baselines, fit time, where the files are."""
+    """The run in one line: model, strategy and ranks, test RMSE against the baselines, fit time, where files are."""
     base = result["baselines"]
     ranks = "1 process" if result["ranks"] == 1 else f"{result['ranks']} ranks"
     return (

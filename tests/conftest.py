@@ -10,7 +10,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 if str(RECIPES) not in sys.path:
     sys.path.insert(0, str(RECIPES))
 
-from tests.mpirun import Launch, launch_scenario
+from tests.mpirun import Launch, launch_scenario  # noqa: E402 - after the recipes are on sys.path
 
 
 @pytest.fixture(scope="session")

@@ -69,8 +69,11 @@ def test_all_gather_stacks_ranks(trained):
 def test_tcp_transport_gives_the_same_results_as_shared_memory(suite_launches, tmp_path_factory):
     shared_memory = results(suite_launches(2))
     args, env = tcp_only()
-    tcp = results(launch_scenario("tests.scenarios.equivalence", 2, tmp_path_factory.mktemp("tcp"), timeout=240,
-                                  mpirun_args=args, env=env))
+    tcp = results(
+        launch_scenario(
+            "tests.scenarios.equivalence", 2, tmp_path_factory.mktemp("tcp"), timeout=240, mpirun_args=args, env=env
+        )
+    )
     for case in CASES:
         for a, b in zip(shared_memory[case], tcp[case]):
             assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"]), case

@@ -18,7 +18,8 @@ def test_same_batches_and_random_stream_as_the_dataloader():
     assert torch.equal(torch.rand(1), after_expected)
     assert len(got) == len(expected) == 10
     for (x1, y1), (x2, y2) in zip(got, expected):
-        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+        assert torch.equal(x1, x2)
+        assert torch.equal(y1, y2)
 
 
 def test_only_plain_tensor_loaders_qualify():

@@ -28,8 +28,10 @@ def _compose(*overrides: str) -> DictConfig:
 
 def test_default_config_is_the_cnn_ensemble_on_the_embedded_digits() -> None:
     cfg = _compose()
-    assert cfg.mode == Mode.train and cfg.data.name == "digits"
-    assert cfg.strategy.sync == "ensemble" and cfg.strategy.voting == "hard"
+    assert cfg.mode == Mode.train
+    assert cfg.data.name == "digits"
+    assert cfg.strategy.sync == "ensemble"
+    assert cfg.strategy.voting == "hard"
     model = instantiate(cfg.model)
     assert sum(p.numel() for p in model.parameters()) == 93_322
     assert isinstance(model.configure_optimizers(), torch.optim.Adam)
@@ -38,7 +40,8 @@ def test_default_config_is_the_cnn_ensemble_on_the_embedded_digits() -> None:
 def test_the_study_experiments_read_mnist() -> None:
     for experiment in ("ensemble_table", "kfold"):
         cfg = _compose(f"experiment={experiment}")
-        assert cfg.data.name == "mnist" and (cfg.data.train_size, cfg.data.test_size) == (8000, 2000)
+        assert cfg.data.name == "mnist"
+        assert (cfg.data.train_size, cfg.data.test_size) == (8000, 2000)
 
 
 def test_a_forecasting_option_or_a_wrong_type_fails_at_composition() -> None:
@@ -87,10 +90,12 @@ def test_kfold_in_one_process(tmp_path: Path) -> None:
     result = classify.run(cfg)
     assert [f["fold"] for f in result["fold_scores"]] == [0, 1]
     held_out = [f["held_out"]["acc"] for f in result["fold_scores"]]
-    assert len(result["members"]) == 2 and result["fold_acc_mean"] == pytest.approx(sum(held_out) / 2)
+    assert len(result["members"]) == 2
+    assert result["fold_acc_mean"] == pytest.approx(sum(held_out) / 2)
     assert sum(map(sum, result["confusion_matrix"])) == result["test_samples"]  # every test sample voted on once
     assert {"acc", "precision", "recall", "f1"} <= set(result["averaged_weights"])
-    assert (tmp_path / "result.json").is_file() and (tmp_path / "confusion_matrix.png").is_file()
+    assert (tmp_path / "result.json").is_file()
+    assert (tmp_path / "confusion_matrix.png").is_file()
 
 
 def test_a_run_ends_with_one_line_of_results_and_where_they_are(tmp_path: Path) -> None:
@@ -101,7 +106,8 @@ def test_a_run_ends_with_one_line_of_results_and_where_they_are(tmp_path: Path) 
     )  # fmt: skip
     check(launched)
     last = launched.stdout.strip().splitlines()[-1]
-    assert "classify on digits, 1 process, ensemble: test accuracy " in last and "training " in last
+    assert "classify on digits, 1 process, ensemble: test accuracy " in last
+    assert "training " in last
     assert last.endswith(f"; results in {out}")
     assert (out / "classify.log").read_text().strip().splitlines()[-1] == last  # the job's log too
 
@@ -131,7 +137,9 @@ def test_two_rank_ensemble_run_and_report(tmp_path: Path) -> None:
         )
     )  # fmt: skip
     result = json.loads((out / "result.json").read_text())
-    assert result["ranks"] == 2 and result["sync"] == "ensemble" and len(result["members"]) == 2
+    assert result["ranks"] == 2
+    assert result["sync"] == "ensemble"
+    assert len(result["members"]) == 2
     assert sum(map(sum, result["confusion_matrix"])) == result["test_samples"] == 360
     # the test loop's MPI-synced torchmetrics agree with the scores of the gathered predictions
     assert result["logged"]["test/acc"] == pytest.approx(result["metrics"]["acc"], abs=1e-6)
@@ -139,15 +147,18 @@ def test_two_rank_ensemble_run_and_report(tmp_path: Path) -> None:
     assert (out / "confusion_matrix.png").stat().st_size > 0
     # one result line on the console (rank 0's), the job's log ends with it; rank 1 logs to its own file
     summary = f"ensemble_table on digits, 2 ranks, ensemble: test accuracy {100 * result['metrics']['acc']:.2f} %"
-    assert launched.stdout.count(summary) == 1 and summary in launched.stdout.strip().splitlines()[-1]
+    assert launched.stdout.count(summary) == 1
+    assert summary in launched.stdout.strip().splitlines()[-1]
     assert summary in (out / "classify.log").read_text().strip().splitlines()[-1]
     rank1 = (out / "classify.rank1.log").read_text()
-    assert summary in rank1 and "Seed set to 0" in rank1  # Lightning's message: in rank 1's log, not the console
+    assert summary in rank1
+    assert "Seed set to 0" in rank1
     assert (launched.stdout + launched.stderr).count("Seed set to 0") == 1  # rank 0's only
 
     sequential = dict(result, ranks=1, train_time_s=2 * result["train_time_s"], members=result["members"][:1])
     markdown = classify_report.report([sequential, result], tmp_path / "report")
-    assert "| 2 | 0 |" in markdown and "50.00 %" in markdown  # half the sequential time
+    assert "| 2 | 0 |" in markdown
+    assert "50.00 %" in markdown
     assert (tmp_path / "report" / "ensemble_table-digits-scaling.png").is_file()
 
 
@@ -169,7 +180,8 @@ def test_speedup_and_kfold_tables() -> None:
     ]  # fmt: skip
     (rows,) = classify_report.group(results)[0].values()
     table = classify_report.speedup_table(rows)
-    assert "| 2 | 0 | 5.5 | 1.82 | 0.91 | 5.5 |" in table and "| 4 | 0 | 3.0 | 3.33 | 0.83 |" in table
+    assert "| 2 | 0 | 5.5 | 1.82 | 0.91 | 5.5 |" in table
+    assert "| 4 | 0 | 3.0 | 3.33 | 0.83 |" in table
     fold = {
         "mode": "kfold", "experiment": "kfold", "data": "mnist", "ranks": 2, "folds": 10, "fold_acc_mean": 0.97,
         "fold_acc_std": 0.01, "metrics": {"acc": 0.98}, "averaged_weights": {"acc": 0.975}, "kfold_time_s": 60.0,

@@ -46,7 +46,11 @@ def test_end_of_fit_average_is_mean_of_members(launched):
     members = averaging[0]["one_shot_members"]
     assert len(members) == launched.world
     assert max_diff(members[0], members[1]) > 1e-3, "local models should differ before averaging"
-    mean = {k: torch.stack([m[k].double() for m in members]).mean(0) for k in members[0] if members[0][k].is_floating_point()}
+    mean = {
+        k: torch.stack([m[k].double() for m in members]).mean(0)
+        for k in members[0]
+        if members[0][k].is_floating_point()
+    }
     assert max_diff(mean, averaging[0]["one_shot"]) <= 1e-6
 
 

@@ -46,7 +46,8 @@ def test_other_ranks_print_lightnings_warnings_not_its_information(lightning_log
     assert stream.filters == [console._QUIET]
     info = logger.makeRecord(logger.name, logging.INFO, __file__, 1, "Seed set to 0", (), None)
     warning = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "careful", (), None)
-    assert not stream.filter(info) and stream.filter(warning)
+    assert not stream.filter(info)
+    assert stream.filter(warning)
 
 
 def test_other_ranks_of_a_hydra_job_log_into_their_file(lightning_logging: None) -> None:
@@ -56,7 +57,8 @@ def test_other_ranks_of_a_hydra_job_log_into_their_file(lightning_logging: None)
         logger.propagate = False
     console.into_rank_log(2)
     for logger in lightning_loggers():
-        assert logger.propagate and all(type(h) is not logging.StreamHandler for h in logger.handlers)
+        assert logger.propagate
+        assert all(type(h) is not logging.StreamHandler for h in logger.handlers)
         assert any(isinstance(h, logging.FileHandler) for h in logger.handlers)  # only consoles are removed
     with warnings.catch_warnings():
         warnings.simplefilter("always")

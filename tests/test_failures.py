@@ -17,7 +17,7 @@ def launch(mode: str):
 
 
 @pytest.mark.parametrize(
-    "mode, message",
+    ("mode", "message"),
     [
         ("training_step", "RuntimeError: deliberate failure in training_step"),
         ("validation", "ValueError: deliberate failure in validation_step"),
@@ -47,8 +47,10 @@ def test_ranks_in_different_collectives_are_named_in_the_stall_report():
     report = result.stderr
     assert "did not complete within 3 s (epoch 0, step 2)" in report
     assert "wait in a different collective" in report
-    assert "rank 0: waiting" in report and "barrier" in report
-    assert "rank 1: waiting" in report and "allgather" in report
+    assert "rank 0: waiting" in report
+    assert "barrier" in report
+    assert "rank 1: waiting" in report
+    assert "allgather" in report
 
 
 def test_the_timeout_of_the_strategy_in_use_applies():
@@ -65,7 +67,7 @@ def test_killed_rank_ends_the_job():
 
 
 @pytest.mark.parametrize(
-    "mode, message",
+    ("mode", "message"),
     [
         ("shapes", "The model (parameter and buffer names, shapes, dtypes) differs between rank 0 and rank 1"),
         ("optimizer", "The optimizer configuration differs between rank 0 and rank 1"),

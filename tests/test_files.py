@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def test_killed_save_leaves_a_named_partial_file_that_the_next_save_removes(tmp_
             self.f.flush()
             os._exit(9)
         LocalFileOpener.write = write_half_then_die
-        checkpoint.save(TorchCheckpointIO(), {{"w": torch.zeros(100000)}}, {str(tmp_path / 'a.ckpt')!r})
+        checkpoint.save(TorchCheckpointIO(), {{"w": torch.zeros(100000)}}, {str(tmp_path / "a.ckpt")!r})
     """)
     assert subprocess.run([sys.executable, "-c", script], timeout=120).returncode == 9
     left = os.listdir(tmp_path)
@@ -61,8 +62,6 @@ def test_interrupted_save_leaves_nothing(tmp_path):
         def __reduce__(self):
             raise KeyboardInterrupt
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         checkpoint.save(TorchCheckpointIO(), {"w": torch.zeros(100000), "x": Interrupt()}, tmp_path / "a.ckpt")
-    except KeyboardInterrupt:
-        pass
     assert os.listdir(tmp_path) == []

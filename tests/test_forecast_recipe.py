@@ -31,8 +31,10 @@ def config(*overrides: str) -> DictConfig:
 
 def test_default_config_composes_to_the_improved_forecaster() -> None:
     cfg = config()
-    assert cfg.data.transform == "logratio" and cfg.data.source == "sir"
-    assert cfg.model._target_.endswith("LSTMForecaster") and cfg.data.batch_size == 128
+    assert cfg.data.transform == "logratio"
+    assert cfg.data.source == "sir"
+    assert cfg.model._target_.endswith("LSTMForecaster")
+    assert cfg.data.batch_size == 128
     assert instantiate(cfg.strategy).__class__.__name__ == "SingleDeviceStrategy"
 
 
@@ -46,13 +48,16 @@ def test_study_experiment_has_the_studys_exact_setting(model: str, batch: int) -
         0.8,
         766,
     )
-    assert cfg.data.source == "nyt" and cfg.data.state == "Tennessee"
+    assert cfg.data.source == "nyt"
+    assert cfg.data.state == "Tennessee"
 
 
 def test_strategies_instantiate_as_documented() -> None:
     average = instantiate(config("strategy=average").strategy)
-    assert isinstance(average, MPIStrategy) and average.policy.name == "average"
-    assert average.policy.every_n_steps is None and average.policy.every_n_epochs is None
+    assert isinstance(average, MPIStrategy)
+    assert average.policy.name == "average"
+    assert average.policy.every_n_steps is None
+    assert average.policy.every_n_epochs is None
     assert instantiate(config("strategy=allreduce").strategy).policy.name == "allreduce"
     assert instantiate(config("strategy=ensemble").strategy).policy.voting == "mean"  # forecasts are averaged
 
@@ -77,8 +82,11 @@ def test_one_process_run_writes_result_and_plot(tmp_path: Path) -> None:
     cfg = config("trainer.max_epochs=2", "trainer.enable_progress_bar=false", f"output_dir={tmp_path}", "data.days=200")
     result = train.run(cfg)
     written = json.loads((tmp_path / "result.json").read_text())
-    assert written["metrics"] == result["metrics"] and written["ranks"] == 1 and written["strategy"] == "single"
-    assert written["model"] == "LSTM" and written["epochs"] == 2
+    assert written["metrics"] == result["metrics"]
+    assert written["ranks"] == 1
+    assert written["strategy"] == "single"
+    assert written["model"] == "LSTM"
+    assert written["epochs"] == 2
     # the predictions' errors (float64) and the torchmetrics of the test loop (float32) agree, both in case counts
     assert written["metrics"]["rmse"] == pytest.approx(written["logged"]["rmse"], rel=1e-4)
     assert "forecast_metrics" not in written
@@ -125,10 +133,13 @@ def test_a_run_ends_with_one_line_of_results_and_where_they_are(tmp_path: Path) 
     )  # fmt: skip
     check(launched)
     last = launched.stdout.strip().splitlines()[-1]
-    assert "LSTM, single, 1 process: test RMSE " in last and "(persistence " in last and "fit " in last
+    assert "LSTM, single, 1 process: test RMSE " in last
+    assert "(persistence " in last
+    assert "fit " in last
     assert last.endswith(f"; results in {out}")
     assert (out / "train.log").read_text().strip().splitlines()[-1] == last  # the job's log too
-    assert (out / "result.json").is_file() and (out / "forecast.png").is_file()
+    assert (out / "result.json").is_file()
+    assert (out / "forecast.png").is_file()
 
 
 @pytest.mark.mpi
@@ -144,14 +155,17 @@ def test_two_rank_multirun_shares_job_directories_and_statistics(tmp_path: Path)
     check(launched)
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 8, jobs  # one directory per job, shared by both ranks
-    assert len(list(sweep.rglob(".hydra"))) == 8 and len(list(sweep.rglob("result.json"))) == 8
+    assert len(list(sweep.rglob(".hydra"))) == 8
+    assert len(list(sweep.rglob("result.json"))) == 8
     reference = ForecastDataModule(source="nyt", path=str(tennessee), transform="level", scaler="minmax")
     reference.prepare()
     for job in jobs:
-        assert (job / "train.log").exists() and (job / "train.rank1.log").exists()
+        assert (job / "train.log").exists()
+        assert (job / "train.rank1.log").exists()
         assert "RMSE" in (job / "train.rank1.log").read_text()
         result = json.loads((job / "result.json").read_text())
-        assert result["ranks"] == 2 and result["strategy"] in ("allreduce", "average")
+        assert result["ranks"] == 2
+        assert result["strategy"] in ("allreduce", "average")
         # statistics combined over 2 ranks equal those of one process, exactly
         assert (result["scaler"]["offset"], result["scaler"]["scale"]) == (
             reference.transform.offset,
@@ -159,12 +173,15 @@ def test_two_rank_multirun_shares_job_directories_and_statistics(tmp_path: Path)
         )
         assert round(result["baselines"]["persistence"]["rmse"]) == 8262
         summary = (job / "train.log").read_text().strip().splitlines()[-1]
-        assert summary.endswith(f"results in {job}") and "2 ranks: test RMSE" in summary
+        assert summary.endswith(f"results in {job}")
+        assert "2 ranks: test RMSE" in summary
     # the console is rank 0's: one summary line per job, no second copy of Hydra's sweep lines
     assert launched.stdout.count("test RMSE") == 8
-    assert launched.stdout.count("Launching 8 jobs locally") == 1 and launched.stdout.count("#7 : ") == 1
+    assert launched.stdout.count("Launching 8 jobs locally") == 1
+    assert launched.stdout.count("#7 : ") == 1
     text = report.main([str(sweep)])
     for strategy in ("allreduce", "average"):  # both strategies, both seeds: nothing dropped or overwritten
         assert f"| RMSE, with MPI, 2 ranks, {strategy} (seeds 0, 1) |" in text
-    assert "LSTM | GRU" in text and "| persistence RMSE (tomorrow = today) | 8,262 | 8,262 |" in text
+    assert "LSTM | GRU" in text
+    assert "| persistence RMSE (tomorrow = today) | 8,262 | 8,262 |" in text
     assert (sweep / "table.png").exists()

@@ -23,14 +23,33 @@ from tests.scenarios.common import BATCH, Regressor, quiet_trainer, regression_d
 JOB = {"SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "2", "SLURM_NPROCS": "2"}
 BATCH_STEP = {**JOB, "SLURM_PROCID": "0"}  # the batch script and the salloc shell: no step task count
 SRUN_NONE = {**JOB, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}
-SRUN_PMI2 = {**SRUN_NONE, "SLURM_MPI_TYPE": "pmi2", "PMI_RANK": "1", "PMI_SIZE": "2", "PMI_FD": "11",
-             "PMI_JOBID": "7.0"}
+SRUN_PMI2 = {
+    **SRUN_NONE,
+    "SLURM_MPI_TYPE": "pmi2",
+    "PMI_RANK": "1",
+    "PMI_SIZE": "2",
+    "PMI_FD": "11",
+    "PMI_JOBID": "7.0",
+}
 SRUN_PMIX = {**SRUN_NONE, "SLURM_MPI_TYPE": "pmix", "PMIX_RANK": "1", "PMIX_NAMESPACE": "slurm.pmix.7.0"}
 # mpirun / mpiexec inside an allocation: their daemons run as a one-task srun step, which the ranks inherit
-MPIRUN_IN_JOB = {**JOB, "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0", "OMPI_COMM_WORLD_SIZE": "2",
-                 "OMPI_COMM_WORLD_RANK": "1", "PMIX_RANK": "1", "PMIX_NAMESPACE": "prterun-vm-22944@1"}
-MPIEXEC_IN_JOB = {**JOB, "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0", "PMI_SIZE": "2", "PMI_RANK": "1",
-                  "MPI_LOCALNRANKS": "2"}
+MPIRUN_IN_JOB = {
+    **JOB,
+    "SLURM_STEP_NUM_TASKS": "1",
+    "SLURM_PROCID": "0",
+    "OMPI_COMM_WORLD_SIZE": "2",
+    "OMPI_COMM_WORLD_RANK": "1",
+    "PMIX_RANK": "1",
+    "PMIX_NAMESPACE": "prterun-vm-22944@1",
+}
+MPIEXEC_IN_JOB = {
+    **JOB,
+    "SLURM_STEP_NUM_TASKS": "1",
+    "SLURM_PROCID": "0",
+    "PMI_SIZE": "2",
+    "PMI_RANK": "1",
+    "MPI_LOCALNRANKS": "2",
+}
 # another PMIx launcher (no size variable) started inside a 4-task srun step: nothing says how many it started
 PMIX_IN_STEP = {**JOB, "SLURM_STEP_NUM_TASKS": "4", "PMIX_RANK": "0", "PMIX_NAMESPACE": "prterun-x@1"}
 LAUNCH_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL", "PALS_", "SUBMITIT_")
@@ -62,8 +81,16 @@ def launched(monkeypatch: pytest.MonkeyPatch):
         (MPIEXEC_IN_JOB, (2, "PMI_SIZE")),
         (PMIX_IN_STEP, None),
     ],
-    ids=["no-launcher", "batch-step", "srun", "srun-pmi2", "srun-pmix", "mpirun-in-job", "mpiexec-in-job",
-         "other-pmix-in-step"],
+    ids=[
+        "no-launcher",
+        "batch-step",
+        "srun",
+        "srun-pmi2",
+        "srun-pmix",
+        "mpirun-in-job",
+        "mpiexec-in-job",
+        "other-pmix-in-step",
+    ],
 )
 def test_launcher_tasks(launched, variables, expected):
     launched(variables)
@@ -72,7 +99,8 @@ def test_launcher_tasks(launched, variables, expected):
 
 def test_srun_pmix_gives_the_world_size_before_fit_without_mpi(launched):
     launched(SRUN_PMIX)
-    assert launched_by_mpi() and (launcher_size(), launcher_rank()) == (2, 1)
+    assert launched_by_mpi()
+    assert (launcher_size(), launcher_rank()) == (2, 1)
     trainer = quiet_trainer(strategy=MPIStrategy(), max_steps=1)
     assert (trainer.world_size, trainer.global_rank) == (2, 1)
 
@@ -83,8 +111,11 @@ def test_mpirun_in_an_allocation_ignores_the_daemon_step(launched):
     check_launcher_agrees(mpi_size=2)
 
 
-@pytest.mark.parametrize("variables", [{}, BATCH_STEP, PMIX_IN_STEP, {**SRUN_NONE, "SLURM_STEP_NUM_TASKS": "1"}],
-                         ids=["no-launcher", "batch-step", "other-pmix-in-step", "srun-n-1"])
+@pytest.mark.parametrize(
+    "variables",
+    [{}, BATCH_STEP, PMIX_IN_STEP, {**SRUN_NONE, "SLURM_STEP_NUM_TASKS": "1"}],
+    ids=["no-launcher", "batch-step", "other-pmix-in-step", "srun-n-1"],
+)
 def test_nothing_to_disagree_with(launched, variables):
     launched(variables)
     check_launcher_agrees(mpi_size=1)
@@ -133,13 +164,16 @@ def test_hydra_app_stops_before_writing_anything(launched, monkeypatch, tmp_path
     app = mpi_hydra_main(config_path=None, config_name=None)(ran.append)
     with pytest.raises(SystemExit, match="do not form one MPI world"):
         app()
-    assert ran == [] and list(tmp_path.iterdir()) == []
+    assert ran == []
+    assert list(tmp_path.iterdir()) == []
 
 
-SUBMITIT = OmegaConf.create({
-    "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"},
-    "launcher": {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"},
-})
+SUBMITIT = OmegaConf.create(
+    {
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"},
+        "launcher": {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"},
+    }
+)
 
 
 def test_submitit_jobs_are_accepted_under_srun(launched):
@@ -159,4 +193,5 @@ def test_resolvers_are_registered_where_the_task_is_unpickled():
     OmegaConf.clear_resolver("mpi_stamp")
     assert not OmegaConf.has_resolver("mpi_stamp")
     pickle.loads(pickle.dumps(_RegisterResolvers()))
-    assert OmegaConf.has_resolver("mpi_stamp") and OmegaConf.has_resolver("mpi_rank_zero_only")
+    assert OmegaConf.has_resolver("mpi_stamp")
+    assert OmegaConf.has_resolver("mpi_rank_zero_only")

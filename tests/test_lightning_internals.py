@@ -47,7 +47,8 @@ def test_cached_predictions_are_the_predict_loops_per_dataloader_lists():
     module.predict_step = lambda batch, batch_idx: module(batch[0])
     returned = trainer.predict(module, DataLoader(regression_data(3 * BATCH), batch_size=BATCH))
     cached = _lightning.cached_predictions(trainer)
-    assert len(cached) == 1 and len(cached[0]) == 3
+    assert len(cached) == 1
+    assert len(cached[0]) == 3
     assert all(torch.equal(a, b) for a, b in zip(returned, cached[0]))
 
 
@@ -61,7 +62,8 @@ def test_samplers_inside_lightnings_wrappers():
     assert _lightning.batch_sampler_inside_wrapper(wrapper) is batches
     assert _lightning.batch_sampler_inside_wrapper(batches) is batches
     _lightning.replace_batch_sampler_inside_wrapper(wrapper, [[4], [3]])
-    assert list(wrapper) == [[4], [3]] and len(wrapper) == 2
+    assert list(wrapper) == [[4], [3]]
+    assert len(wrapper) == 2
 
 
 def test_attached_trainer():
@@ -130,12 +132,14 @@ def test_without_an_mpi_library_one_process_never_loads_one_and_a_launchers_proc
     # what it prevents: Lightning alone loads MPI in every Trainer() (if this passes one day, the patch can go)
     run = subprocess.run([sys.executable, "-c", trainer], env=_without_launcher(nowhere), capture_output=True,
                          text=True, timeout=120, check=False)  # fmt: skip
-    assert run.returncode != 0 and "cannot load MPI library" in run.stderr
+    assert run.returncode != 0
+    assert "cannot load MPI library" in run.stderr
     # under a launcher Lightning's own detection runs (DDPStrategy under mpirun relies on it)
     launched = _without_launcher({**nowhere, "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"})
     run = subprocess.run([sys.executable, "-c", "import lightning_mpi; " + trainer], env=launched, capture_output=True,
                          text=True, timeout=120, check=False)  # fmt: skip
-    assert run.returncode != 0 and "cannot load MPI library" in run.stderr
+    assert run.returncode != 0
+    assert "cannot load MPI library" in run.stderr
 
 
 def test_lightnings_leafspec_deprecation_is_filtered() -> None:
@@ -152,9 +156,8 @@ def test_lightnings_leafspec_deprecation_is_filtered() -> None:
     # the filter is as narrow as the warning: category and module (a torch without the deprecation raises nothing)
     for w in plain:
         if "LeafSpec" in str(w.message):
-            assert issubclass(w.category, FutureWarning) and w.filename.endswith(
-                os.path.join("utilities", "_pytree.py")
-            )
+            assert issubclass(w.category, FutureWarning)
+            assert w.filename.endswith(os.path.join("utilities", "_pytree.py"))
 
 
 def test_lightning_prints_through_its_own_loggers() -> None:

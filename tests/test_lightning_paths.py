@@ -46,7 +46,8 @@ def test_averaging_resume_from_a_checkpoint_written_during_validation_is_exact(l
 
 def test_hard_voting_refuses_regression_outputs_on_every_rank(launched):
     for rank in launched.results("ensemble_paths"):
-        assert rank["refusal"] is not None and "voting='hard' combines class scores" in rank["refusal"]
+        assert rank["refusal"] is not None
+        assert "voting='hard' combines class scores" in rank["refusal"]
         assert "voting='mean'" in rank["refusal"]
 
 
@@ -75,7 +76,8 @@ def test_ensemble_combines_tuple_and_dict_outputs(launched):
     for rank in ranks:
         main = torch.cat([batch[0] for batch in rank["combined"]])
         double = torch.cat([batch[1]["double"] for batch in rank["combined"]])
-        assert torch.allclose(main, expected_main, atol=1e-6) and torch.allclose(double, expected_double, atol=1e-6)
+        assert torch.allclose(main, expected_main, atol=1e-6)
+        assert torch.allclose(double, expected_double, atol=1e-6)
         assert rank["member_outputs"][0].shape[0] == len(ranks)  # members stacked per leaf
 
 
@@ -84,16 +86,20 @@ def test_per_step_collectives_in_evaluation_with_uneven_shards(launched):
     seed_everything(0)
     reference = paths.StepCollectives()
     expected = quiet_trainer(devices=1, limit_val_batches=None).validate(
-        reference, DataLoader(regression_data(9), batch_size=4), verbose=False)[0]
+        reference, DataLoader(regression_data(9), batch_size=4), verbose=False
+    )[0]
     for rank in launched.results("evaluation_paths"):
-        assert len(set(rank["batches"])) == 1 and len(rank["batches"]) == world
-        assert rank["logged"]["val_count"] == 9 and rank["logged"]["gathered_count"] == 9
+        assert len(set(rank["batches"])) == 1
+        assert len(rank["batches"]) == world
+        assert rank["logged"]["val_count"] == 9
+        assert rank["logged"]["gathered_count"] == 9
         assert rank["logged"]["val_step_loss_epoch"] == pytest.approx(expected["val_step_loss_epoch"], rel=1e-6)
 
 
 def test_iterable_validation_dataset_is_left_to_the_user_to_shard(launched):
     for rank in launched.results("evaluation_paths"):
-        assert rank["stream_seen"] == 10 and rank["streamed"]["val_count"] == 10
+        assert rank["stream_seen"] == 10
+        assert rank["streamed"]["val_count"] == 10
 
 
 def test_exception_on_every_rank_propagates_and_runs_on_exception_callbacks(launched):
@@ -124,9 +130,11 @@ def test_sparse_gradients_stay_sparse_and_equal_one_process(launched):
     data = paths.token_data(paths.SPARSE_STEPS * BATCH * world)
     order = distributed_order(len(data), world, BATCH)
     quiet_trainer(devices=1, max_steps=paths.SPARSE_STEPS).fit(
-        reference, DataLoader(data, batch_size=world * BATCH, sampler=FixedOrder(order)))
+        reference, DataLoader(data, batch_size=world * BATCH, sampler=FixedOrder(order))
+    )
     for rank in launched.results("lazy_and_sparse"):
-        assert rank["sparse_seen"] and all(rank["sparse_seen"])
+        assert rank["sparse_seen"]
+        assert all(rank["sparse_seen"])
         assert max_diff(rank["sparse"], reference.state_dict()) <= 1e-5
 
 
@@ -139,8 +147,11 @@ def uneven_reference(world: int) -> tuple[dict, float]:
     seed_everything(0)
     model = paths.ValidatedRegressor()
     trainer = quiet_trainer(devices=1, max_epochs=paths.UNEVEN_EPOCHS, limit_val_batches=None)
-    trainer.fit(model, DataLoader(paths.uneven_data(world), batch_sampler=batches),
-                DataLoader(regression_data(12, seed=8), batch_size=BATCH))
+    trainer.fit(
+        model,
+        DataLoader(paths.uneven_data(world), batch_sampler=batches),
+        DataLoader(regression_data(12, seed=8), batch_size=BATCH),
+    )
     return model.state_dict(), float(trainer.callback_metrics["val_loss"])
 
 

@@ -21,7 +21,12 @@ FORECAST_CONFIG: dict[str, Any] = {
     "strategy": {"_target_": "lightning.pytorch.strategies.SingleDeviceStrategy", "device": "cpu"},
     "trainer": {"accelerator": "cpu", "max_epochs": 300, "enable_progress_bar": True},
 }  # fmt: skip
-MPI_STRATEGY = {"_target_": "lightning_mpi.MPIStrategy", "sync": "allreduce", "every_n_steps": None, "timeout": 600.0}
+MPI_STRATEGY = {
+    "_target_": "lightning_mpi.hydra.mpi_strategy",
+    "sync": "allreduce",
+    "every_n_steps": None,
+    "timeout": 600.0,
+}
 
 
 def forecast_result(model: str, strategy: str, ranks: int, seed: int, rmse: float, fit: float = 5.0,
@@ -70,7 +75,8 @@ def test_two_strategies_and_two_seeds_all_appear(tmp_path: Path, capsys: pytest.
     assert "data.batch_size (LSTM 128, GRU 100)" in text  # the study's GRU batch, said once
     assert f"wrote {sweep / 'table.md'} and {sweep / 'table.png'}" in out.out
     assert out.err == ""  # nothing left out
-    assert (sweep / "table.md").read_text() == text and (sweep / "table.png").stat().st_size > 10_000
+    assert (sweep / "table.md").read_text() == text
+    assert (sweep / "table.png").stat().st_size > 10_000
 
 
 def test_other_settings_get_rows_and_what_cannot_be_placed_is_named(
@@ -86,7 +92,8 @@ def test_other_settings_get_rows_and_what_cannot_be_placed_is_named(
     err = capsys.readouterr().err
     assert "| RMSE, with MPI, 2 ranks, average, trainer.max_epochs=300 (seeds 0, 0) | 7,050 [7,000-7,100] |" in text
     assert "| RMSE, with MPI, 2 ranks, average, trainer.max_epochs=1500 | 7,000 |" in text
-    assert "skipped" in err and "a classification result (recipes/classify_report.py" in err
+    assert "skipped" in err
+    assert "a classification result (recipes/classify_report.py" in err
     assert "broken/result.json: not readable as JSON" in err
     assert "2 runs of the same configuration with seed 0 (all counted)" in err
 
@@ -96,7 +103,8 @@ def test_keys_that_say_where_files_are_do_not_split_rows() -> None:
     b["config"]["output_dir"] = "/elsewhere"
     b["config"]["data"]["path"] = "/data/copy.csv"
     placed = report.place([runs.Run(Path(str(i)), r, runs.flatten(r["config"])) for i, r in enumerate((a, b))])
-    assert len(placed.rows) == 1 and placed.keys == []
+    assert len(placed.rows) == 1
+    assert placed.keys == []
 
 
 def test_bars_are_centred_on_their_model_also_where_a_configuration_is_missing() -> None:
@@ -108,7 +116,8 @@ def test_bars_are_centred_on_their_model_also_where_a_configuration_is_missing()
         xs = sorted(x for (_, m), x in positions.items() if m == model)
         assert sum(xs) / len(xs) == pytest.approx(j)  # centred on the model's tick
         assert all(b - a == pytest.approx(width) for a, b in itertools.pairwise(xs))  # side by side, no gap
-    assert len(positions) == 5 and width == pytest.approx(0.8 / 3)
+    assert len(positions) == 5
+    assert width == pytest.approx(0.8 / 3)
 
 
 def classification_result(ranks: int, seed: int, acc: float, time: float, epochs: int = 10) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Slurm for real: ``srun``, ``sbatch`` and a submitit sweep on a private one-node cluster (tests/cluster/slurm.py).
+"""Slurm for real: ``srun``, ``sbatch`` and a submitit sweep on a private one-node cluster (tools/cluster/slurm.py).
 
 Skipped, with the reason, where Slurm or munge is not installed or the user is not root; ``.ci/run`` installs
 them (and builds the MPICH environment), so these tests run there. Every launch is bounded by a timeout, checks
@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cluster.slurm import SlurmCluster, pmix_unavailable, private_cluster, unavailable
 from tests.scenarios.common import CASES, reference_parameters
 from tests.scenarios.slurm import MARKER, RESUMED_STEPS, STOPPED_STEPS
+from tools.cluster.slurm import SlurmCluster, pmix_unavailable, private_cluster, unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 #: a Python whose mpi4py loads MPICH: the `mpich` extra in its own environment (.ci/run creates it)
@@ -79,23 +79,35 @@ def check_launch_scenario(out: Path, library: str) -> list[dict]:
     return records
 
 
-def srun(cluster: SlurmCluster, options: list[str], argv: list[str], python: str | Path = sys.executable,
-         check: bool = True, cwd: Path | None = None):
+def srun(
+    cluster: SlurmCluster,
+    options: list[str],
+    argv: list[str],
+    python: str | Path = sys.executable,
+    check: bool = True,
+    cwd: Path | None = None,
+):
     """``srun OPTIONS python ARGV`` in a new allocation, bounded by a timeout."""
-    return cluster.run(["srun", *options, str(python), *argv], check=check, env=JOB_ENV, timeout=LAUNCH_TIMEOUT,
-                       cwd=cwd or ROOT)
+    return cluster.run(
+        ["srun", *options, str(python), *argv], check=check, env=JOB_ENV, timeout=LAUNCH_TIMEOUT, cwd=cwd or ROOT
+    )
 
 
 def batch_script(out: Path, *commands: str) -> Path:
     """A batch script of two tasks that runs ``commands`` and writes its output to ``out/slurm-<job>.out``."""
     script = out / "job.sh"
-    script.write_text("\n".join([
-        "#!/bin/bash",
-        "#SBATCH --ntasks=2",
-        "#SBATCH --time=5",  # minutes: Slurm's own bound, next to the tests' timeouts
-        f"#SBATCH --output={out}/slurm-%j.out",
-        *commands,
-    ]) + "\n")
+    script.write_text(
+        "\n".join(
+            [
+                "#!/bin/bash",
+                "#SBATCH --ntasks=2",
+                "#SBATCH --time=5",  # minutes: Slurm's own bound, next to the tests' timeouts
+                f"#SBATCH --output={out}/slurm-%j.out",
+                *commands,
+            ]
+        )
+        + "\n"
+    )
     return script
 
 
@@ -116,8 +128,10 @@ def test_srun_pmix_with_open_mpi_trains_like_one_process(cluster, tmp_path):
 
 def test_srun_pmi2_with_mpich_trains_like_one_process(cluster, tmp_path):
     if not MPICH_PYTHON.exists():
-        pytest.skip(f"no MPICH environment at {MPICH_PYTHON}: .ci/run creates it (python -m venv "
-                    "--system-site-packages build/mpich-venv && build/mpich-venv/bin/pip install mpich)")
+        pytest.skip(
+            f"no MPICH environment at {MPICH_PYTHON}: .ci/run creates it (python -m venv "
+            "--system-site-packages build/mpich-venv && build/mpich-venv/bin/pip install mpich)"
+        )
     srun(cluster, ["--mpi=pmi2", "-n", "2"], scenario("launch", tmp_path), python=MPICH_PYTHON)
     records = check_launch_scenario(tmp_path, "MPICH")
     assert [r["slurm_procid"] for r in records] == ["0", "1"]
@@ -157,9 +171,7 @@ def test_srun_whose_tasks_are_not_one_mpi_world_fails_on_every_rank(cluster, tmp
     assert not list(tmp_path.glob("*.pt"))
 
 
-def test_slurm_ending_a_job_stops_every_rank_after_the_same_batch_and_leaves_a_resumable_checkpoint(
-    cluster, tmp_path
-):
+def test_slurm_ending_a_job_stops_every_rank_after_the_same_batch_and_leaves_a_resumable_checkpoint(cluster, tmp_path):
     needs_pmix()
     script = batch_script(tmp_path, f"srun --mpi=pmix {sys.executable} -m tests.scenarios.slurm stopped {tmp_path}")
     job = cluster.sbatch([str(script)], cwd=ROOT, env=JOB_ENV)
@@ -188,22 +200,30 @@ def test_slurm_ending_a_job_stops_every_rank_after_the_same_batch_and_leaves_a_r
     srun(cluster, ["--mpi=pmix", "-n", "2"], scenario("resumed", tmp_path))
     resumed = [json.loads((tmp_path / f"resumed.rank{r}.json").read_text()) for r in range(2)]
     for record in resumed:
-        assert record["world"] == 2 and record["checkpoint_step"] == step
+        assert record["world"] == 2
+        assert record["checkpoint_step"] == step
         assert (record["started_at"], record["global_step"]) == (step, step + RESUMED_STEPS)
     assert resumed[0]["weights"] == resumed[1]["weights"]
 
 
 def test_hydra_recipe_under_srun_writes_one_directory_and_one_result(cluster, tmp_path):
     needs_pmix()
-    recipe = [str(ROOT / "recipes" / "train.py"), "strategy=average", "trainer.max_epochs=2", "data.days=200",
-              "plot=false"]
+    recipe = [
+        str(ROOT / "recipes" / "train.py"),
+        "strategy=average",
+        "trainer.max_epochs=2",
+        "data.days=200",
+        "plot=false",
+    ]
     srun(cluster, ["--mpi=pmix", "-n", "2"], recipe, cwd=tmp_path)
     runs = list((tmp_path / "outputs" / "forecast").iterdir())
     assert len(runs) == 1, runs  # one stamp for both ranks
-    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("result.json")] == [runs[0].relative_to(tmp_path) /
-                                                                                "result.json"]
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("result.json")] == [
+        runs[0].relative_to(tmp_path) / "result.json"
+    ]
     assert len(list(tmp_path.rglob(".hydra"))) == 1
-    assert (runs[0] / "train.log").exists() and (runs[0] / "train.rank1.log").exists()
+    assert (runs[0] / "train.log").exists()
+    assert (runs[0] / "train.rank1.log").exists()
     result = json.loads((runs[0] / "result.json").read_text())
     assert (result["ranks"], result["strategy"]) == (2, "average")
 
@@ -212,9 +232,18 @@ def test_submitit_sweep_runs_each_job_as_a_slurm_job_of_two_ranks(cluster, tmp_p
     needs_pmix()
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
     sweep = [
-        sys.executable, str(ROOT / "recipes" / "train.py"), "-m", "hydra/launcher=submitit_slurm",
-        "model=lstm,gru", "strategy=average", "trainer.max_epochs=2", "data.days=200", "plot=false",
-        "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=5", '+hydra.launcher.srun_args=["--mpi=pmix"]',
+        sys.executable,
+        str(ROOT / "recipes" / "train.py"),
+        "-m",
+        "hydra/launcher=submitit_slurm",
+        "model=lstm,gru",
+        "strategy=average",
+        "trainer.max_epochs=2",
+        "data.days=200",
+        "plot=false",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.timeout_min=5",
+        '+hydra.launcher.srun_args=["--mpi=pmix"]',
     ]
     # The sweep runs in this one process (no MPI): it submits each job once and waits for them.
     cluster.run(sweep, cwd=tmp_path, env=JOB_ENV, timeout=3 * LAUNCH_TIMEOUT)
@@ -222,11 +251,13 @@ def test_submitit_sweep_runs_each_job_as_a_slurm_job_of_two_ranks(cluster, tmp_p
     assert len(sweeps) == 1, sweeps  # the jobs resolved the sweep's stamp
     jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [job.name[:2] for job in jobs] == ["0_", "1_"], jobs
-    assert len(list(sweeps[0].rglob("result.json"))) == 2 and len(list(sweeps[0].rglob(".hydra"))) == 2
+    assert len(list(sweeps[0].rglob("result.json"))) == 2
+    assert len(list(sweeps[0].rglob(".hydra"))) == 2
     for job, model in zip(jobs, ["LSTM", "GRU"]):
         result = json.loads((job / "result.json").read_text())
         assert (result["ranks"], result["model"], result["strategy"]) == (2, model, "average")
-        assert (job / "train.log").exists() and (job / "train.rank1.log").exists()
+        assert (job / "train.log").exists()
+        assert (job / "train.rank1.log").exists()
     # two Slurm jobs (an array), two srun tasks each
     tasks = sorted(p.name for p in (sweeps[0] / ".submitit").rglob("*_log.out"))
     assert len(tasks) == 4 and len({re.sub(r"_\d+_log.out$", "", t) for t in tasks}) == 2, tasks

@@ -29,7 +29,8 @@ def test_doctests() -> None:
 
 def test_the_default_runs_the_issues_variants_on_both_networks() -> None:
     cfg = _compose()
-    assert list(cfg.networks) == ["shm", "1gbit"] and cfg.ranks == 2
+    assert list(cfg.networks) == ["shm", "1gbit"]
+    assert cfg.ranks == 2
     assert tta.check_config(cfg) == [
         "allreduce", "average_8", "average_32", "average_128", "diloco_8", "diloco_32", "diloco_128", "diloco_32_bf16",
     ]  # fmt: skip
@@ -54,7 +55,7 @@ def test_a_run_that_cannot_be_measured_fairly_is_refused() -> None:
 
 
 def test_the_emulated_network_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.cluster import emulate
+    from tools.cluster import emulate
 
     monkeypatch.setattr(
         emulate, "unavailable", lambda: "an emulated cluster needs root (network and UTS namespaces, tc)"
@@ -73,7 +74,9 @@ def _curve(*rows: tuple[int, float, int, float]) -> list[dict]:
 
 def test_time_and_bytes_to_target() -> None:
     network = {"variants": {
-        "allreduce": {"points": _curve((0, 0, 0, 0.1), (32, 10, 3200, 0.95), (64, 20, 6400, 0.97), (96, 30, 9600, 0.98))},
+        "allreduce": {
+            "points": _curve((0, 0, 0, 0.1), (32, 10, 3200, 0.95), (64, 20, 6400, 0.97), (96, 30, 9600, 0.98))
+        },
         "average_32": {"points": _curve((0, 0, 0, 0.1), (32, 9, 100, 0.9), (64, 18, 200, 0.93), (96, 27, 300, 0.96))},
         "diloco_32": {"points": _curve((0, 0, 0, 0.1), (32, 8, 100, 0.96), (64, 16, 200, 0.99), (96, 24, 300, 0.985))},
     }}  # fmt: skip
@@ -82,9 +85,12 @@ def test_time_and_bytes_to_target() -> None:
     rows = analysis["variants"]
     # the first evaluation at or above the target, even where the accuracy sits exactly on it
     assert (rows["allreduce"]["step_to_target"], rows["allreduce"]["time_to_target_s"]) == (64, 20)
-    assert rows["diloco_32"]["bytes_to_target"] == 200 and rows["diloco_32"]["final_acc"] == 0.985
-    assert rows["diloco_32"]["bytes_factor"] == 32.0 and rows["diloco_32"]["time_factor"] == 0.8
-    assert not rows["average_32"]["reached"] and rows["average_32"]["bytes_factor"] is None
+    assert rows["diloco_32"]["bytes_to_target"] == 200
+    assert rows["diloco_32"]["final_acc"] == 0.985
+    assert rows["diloco_32"]["bytes_factor"] == 32.0
+    assert rows["diloco_32"]["time_factor"] == 0.8
+    assert not rows["average_32"]["reached"]
+    assert rows["average_32"]["bytes_factor"] is None
     assert tta.verdict(analysis, ["diloco_32"]) == {"met": True, "passing": ["diloco_32"]}
     slower = tta.analyse({"variants": {**network["variants"], "diloco_32": {"points": _curve(
         (0, 0, 0, 0.1), (64, 25, 200, 0.975))}}}, "allreduce", 0.01)  # fmt: skip
@@ -111,13 +117,15 @@ def test_two_ranks_over_shared_memory(tmp_path: Path) -> None:
     for run in variants.values():
         points = run["points"]
         assert [p["step"] for p in points] == [0, 8, 16]
-        assert points[0]["bytes"] == 0 and points[0]["time_s"] < points[1]["time_s"] < points[2]["time_s"]
+        assert points[0]["bytes"] == 0
+        assert points[0]["time_s"] < points[1]["time_s"] < points[2]["time_s"]
         assert all(0.0 <= p["acc"] <= 1.0 for p in points)
     assert len({run["points"][0]["acc"] for run in variants.values()}) == 1  # the same initial weights
     sent = {name: run["points"][-1]["bytes"] for name, run in variants.items()}
     model = 4 * PARAMETERS
     assert 16 * model <= sent["allreduce"] < 16.2 * model  # gradients every step (plus per-parameter flags)
-    assert 2 * model <= sent["average_8"] < 2.01 * model and 2 * model <= sent["diloco_8"] < 2.01 * model
+    assert 2 * model <= sent["average_8"] < 2.01 * model
+    assert 2 * model <= sent["diloco_8"] < 2.01 * model
     assert model <= sent["diloco_32_bf16"] < 1.01 * model  # half precision on the wire, gathered: counted too
     analysis = shm["analysis"]
     assert analysis["target"] == pytest.approx(variants["allreduce"]["points"][-1]["acc"] - 0.01)

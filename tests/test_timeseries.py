@@ -43,7 +43,8 @@ def test_sir_series_is_seeded_and_shaped_like_tennessee() -> None:
     cumulative = sir_series(766, seed=3)
     assert np.array_equal(cumulative, sir_series(766, seed=3))
     assert not np.array_equal(cumulative, sir_series(766, seed=4))
-    assert cumulative.shape == (766,) and np.all(np.diff(cumulative) >= 0)
+    assert cumulative.shape == (766,)
+    assert np.all(np.diff(cumulative) >= 0)
     active = Cleaning()(cumulative)
     assert 150_000 < active.max() <= 200_500
     # several waves: local maxima of the active series that stand well above their surroundings
@@ -61,7 +62,9 @@ def test_sir_series_is_seeded_and_shaped_like_tennessee() -> None:
 def test_nyt_loader_reads_tennessee() -> None:
     tennessee = shared_data(TENNESSEE)
     cumulative = load_nyt_state(tennessee, "Tennessee", days=766)
-    assert cumulative.shape == (766,) and cumulative[0] == 1 and cumulative[3] == 3
+    assert cumulative.shape == (766,)
+    assert cumulative[0] == 1
+    assert cumulative[3] == 3
     active = Cleaning()(cumulative)
     assert 225_000 < active.max() < 235_000  # the Omicron peak, ~230,000 active cases
     with pytest.raises(ValueError, match="fewer than the 5000 days"):
@@ -108,7 +111,8 @@ def test_cleaning_clips_corrections_and_caps_outliers() -> None:
     daily = np.full(30, 100.0)
     daily[15] = 5000.0  # a backlog dump
     capped = Cleaning(cumulative=False, active_days=1, outlier_factor=3.0)(daily)
-    assert capped[15] == 300.0 and np.all(np.delete(capped, 15) == 100.0)
+    assert capped[15] == 300.0
+    assert np.all(np.delete(capped, 15) == 100.0)
 
 
 @pytest.mark.parametrize(
@@ -128,10 +132,13 @@ def test_chunks_with_halos_equal_the_whole_series_bit_for_bit(cleaning: Cleaning
 
 def test_windows_and_time_ordered_split() -> None:
     x, y = make_windows(np.arange(100.0), window=14, horizon=3)
-    assert x.shape == (84, 14) and y.shape == (84, 3)
-    assert x[5].tolist() == list(range(5, 19)) and y[5].tolist() == [19, 20, 21]
+    assert x.shape == (84, 14)
+    assert y.shape == (84, 3)
+    assert x[5].tolist() == list(range(5, 19))
+    assert y[5].tolist() == [19, 20, 21]
     cut = split_index(len(x), 0.8)
-    assert cut == 67 and x[cut - 1, -1] < x[cut, -1]  # the test part is later in time
+    assert cut == 67
+    assert x[cut - 1, -1] < x[cut, -1]
     with pytest.raises(ValueError, match="too short"):
         make_windows(np.arange(15.0), window=14, horizon=1)
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
@@ -146,7 +153,8 @@ def test_scaler_statistics_come_from_training_values_only() -> None:
     series = np.concatenate([np.linspace(10, 100, 80), np.full(20, 1e6)])  # a test period far above the train range
     x, y = make_windows(series, 5)
     transform = fit_transform(x[:60], y[:60], "level", "minmax")
-    assert transform.offset == 10.0 and transform.scale < 100.0
+    assert transform.offset == 10.0
+    assert transform.scale < 100.0
 
 
 @pytest.mark.parametrize("kind", ["level", "logratio"])
@@ -175,14 +183,17 @@ def test_baselines() -> None:
 def test_datamodule_on_tennessee_reproduces_the_persistence_figure() -> None:
     data = ForecastDataModule(source="nyt", path=str(shared_data(TENNESSEE)), transform="level", scaler="minmax")
     data.prepare()
-    assert data.split == 601 and len(data.x) == 752
+    assert data.split == 601
+    assert len(data.x) == 752
     baselines = data.baselines()
     assert round(baselines["persistence"]["rmse"]) == 8262
     assert baselines["seasonal7"]["rmse"] > baselines["persistence"]["rmse"]
     train_days = data.series[: data.split + data.window]  # every value a training window or target touches
     assert (data.transform.offset, data.transform.scale) == (train_days.min(), train_days.max() - train_days.min())
     x, y, last, raw = next(iter(data.test_dataloader()))
-    assert x.shape == (128, 14, 1) and y.shape == (128, 1) and last.shape == (128, 1)
+    assert x.shape == (128, 14, 1)
+    assert y.shape == (128, 1)
+    assert last.shape == (128, 1)
     assert float(x.max()) > 1.0  # the test period lies above the training range
     assert errors(raw.numpy(), data.test_windows()[1][:128])["rmse"] < 1.0
 

@@ -70,7 +70,8 @@ def test_mlp_is_configurable() -> None:
 def test_optimizers_come_from_the_factory() -> None:
     assert isinstance(CNNClassifier().configure_optimizers(), torch.optim.Adam)
     sgd = CNNClassifier(optimizer=functools.partial(torch.optim.SGD, lr=0.099)).configure_optimizers()
-    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["lr"] == 0.099
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.param_groups[0]["lr"] == 0.099
 
 
 def test_importing_the_modules_initialises_nothing() -> None:
@@ -90,9 +91,11 @@ def test_importing_the_modules_initialises_nothing() -> None:
 def test_idx_pair_round_trip(tmp_path: Path, tiny: tuple[np.ndarray, np.ndarray], gz: bool) -> None:
     _write_pair(tmp_path, *tiny, gz=gz)
     x, y = load_idx_images(tmp_path)
-    assert x.shape == (5, 1, 28, 28) and x.dtype == torch.float32
+    assert x.shape == (5, 1, 28, 28)
+    assert x.dtype == torch.float32
     assert torch.equal(x[:, 0], torch.from_numpy(tiny[0].astype(np.float32) / 255))
-    assert y.tolist() == [7, 2, 1, 0, 4] and y.dtype == torch.int64
+    assert y.tolist() == [7, 2, 1, 0, 4]
+    assert y.dtype == torch.int64
 
 
 def test_wrong_magic_is_refused(tmp_path: Path, tiny: tuple[np.ndarray, np.ndarray]) -> None:
@@ -145,10 +148,14 @@ def test_mismatched_counts_and_missing_files(tmp_path: Path, tiny: tuple[np.ndar
 
 def test_shared_mnist_split_loads_and_splits_stratified() -> None:
     x, y = load_idx_images(shared_data("mnist-t10k"))
-    assert x.shape == (10_000, 1, 28, 28) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert x.shape == (10_000, 1, 28, 28)
+    assert float(x.min()) >= 0.0
+    assert float(x.max()) <= 1.0
     assert y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
     train, test = stratified_split(y, 8000, 2000, seed=0)
-    assert len(train) == 8000 and len(test) == 2000 and not set(train.tolist()) & set(test.tolist())
+    assert len(train) == 8000
+    assert len(test) == 2000
+    assert not set(train.tolist()) & set(test.tolist())
     share_all, share_test = y.bincount() / len(y), y[test].bincount() / len(test)
     assert torch.allclose(share_all, share_test, atol=0.002)
 
@@ -158,8 +165,10 @@ def test_shared_mnist_split_loads_and_splits_stratified() -> None:
 
 def test_digits_are_resized_to_mnist_shape() -> None:
     x, y = load_digits()
-    assert x.shape == (1797, 1, 28, 28) and y.shape == (1797,)
-    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert x.shape == (1797, 1, 28, 28)
+    assert y.shape == (1797,)
+    assert float(x.min()) >= 0.0
+    assert float(x.max()) <= 1.0
     assert sorted(y.unique().tolist()) == list(range(10))
     assert load_digits(size=16)[0].shape == (1797, 1, 16, 16)
 
@@ -182,7 +191,8 @@ def test_stratified_folds_cover_every_sample_once() -> None:
 def test_data_module_batches() -> None:
     x, y = torch.randn(50, 3), torch.arange(50) % 5
     data = ClassificationDataModule.split(x, y, train_size=40, test_size=10, batch_size=8, seed=0)
-    assert len(data.train_set) == 40 and len(data.test_set) == 10
+    assert len(data.train_set) == 40
+    assert len(data.test_set) == 10
     assert next(iter(data.train_dataloader()))[0].shape == (8, 3)
     test_y = torch.cat([b[1] for b in data.test_dataloader()])
     assert test_y.bincount().tolist() == [2, 2, 2, 2, 2]

@@ -9,24 +9,50 @@ memory (no copy). Anything else (non-contiguous, 16-bit floats for reductions, C
 is staged through a temporary host tensor and copied back.
 """
 
-
 from __future__ import annotations
 
 import sys
 import traceback
 
 from lightning_mpi.comm.base import (
-    CollectiveMismatch, Communicator, ReduceOpName, Reduction, TrafficMeter, reduce_op_name, validate_timeout,
+    CollectiveMismatch,
+    Communicator,
+    ReduceOpName,
+    Reduction,
+    TrafficMeter,
+    reduce_op_name,
+    validate_timeout,
 )
 from lightning_mpi.comm.launcher import (
-    LAUNCHER_VARIABLES, launched_by_mpi, launcher_rank, launcher_size, launcher_tasks, mpi_library, mpi_world_size,
+    LAUNCHER_VARIABLES,
+    launched_by_mpi,
+    launcher_rank,
+    launcher_size,
+    launcher_tasks,
+    mpi_library,
+    mpi_world_size,
 )
 from lightning_mpi.comm.mpi import ABORT_GRACE, MPICommunicator
 
 __all__ = [
-    "ABORT_GRACE", "LAUNCHER_VARIABLES", "CollectiveMismatch", "Communicator", "MPICommunicator", "ReduceOpName",
-    "Reduction", "TrafficMeter", "abort_on_exception", "launched_by_mpi", "launcher_rank", "launcher_size",
-    "launcher_tasks", "mpi_library", "mpi_world_size", "reduce_op_name", "validate_timeout", "world",
+    "ABORT_GRACE",
+    "LAUNCHER_VARIABLES",
+    "CollectiveMismatch",
+    "Communicator",
+    "MPICommunicator",
+    "ReduceOpName",
+    "Reduction",
+    "TrafficMeter",
+    "abort_on_exception",
+    "launched_by_mpi",
+    "launcher_rank",
+    "launcher_size",
+    "launcher_tasks",
+    "mpi_library",
+    "mpi_world_size",
+    "reduce_op_name",
+    "validate_timeout",
+    "world",
 ]
 
 _WORLD: Communicator | None = None
@@ -60,4 +86,3 @@ def abort_on_exception(comm: Communicator, exception: BaseException) -> None:
     stream = sys.__stderr__ or sys.stderr
     print(f"[lightning-mpi] rank {comm.rank}/{comm.size} failed:\n{tb}", file=stream, flush=True)
     comm.abort(1)
-

@@ -117,6 +117,14 @@ class Communicator:
         """Start receiving into ``tensor`` from rank ``source`` (``None``: any)."""
         raise ValueError(f"recv from rank {source}: this job has a single rank.")
 
+    def wait(self, request: Any, what: str, tensor: Tensor | None) -> int:
+        """Wait for a started send or receive; the peer's rank."""
+        raise ValueError(f"{what}: this job has a single rank.")
+
+    def finish_recv(self, received: Any) -> None:
+        """After :meth:`wait` on a receive: its data where the caller's tensor is."""
+        raise ValueError("recv: this job has a single rank.")
+
     def subgroup(self, ranks: list[int], timeout: float | None) -> Communicator:
         """A communicator over ``ranks`` of this one; only those ranks call it."""
         return self
@@ -243,7 +251,9 @@ _BITWISE = ("band", "bor", "bxor")
 def check_op(tensor: Tensor, op: str) -> None:
     """Raise a clear error unless ``op`` can reduce ``tensor`` over ranks."""
     if op not in ("sum", "mean", "min", "max", "product", *_BITWISE):
-        raise ValueError(f"Unknown reduction {op!r}: use 'sum', 'mean', 'min', 'max', 'product', 'band', 'bor' or 'bxor'.")
+        raise ValueError(
+            f"Unknown reduction {op!r}: use 'sum', 'mean', 'min', 'max', 'product', 'band', 'bor' or 'bxor'."
+        )
     if op in _BITWISE and (tensor.is_floating_point() or tensor.is_complex()):
         raise TypeError(f"The bitwise reduction {op!r} needs an integer or bool tensor, not {tensor.dtype}.")
     if op == "mean" and not (tensor.is_floating_point() or tensor.is_complex()):
@@ -251,8 +261,6 @@ def check_op(tensor: Tensor, op: str) -> None:
             f"A 'mean' over ranks of a {tensor.dtype} tensor would truncate: convert it to a floating-point dtype "
             "first, or reduce with 'sum' and divide yourself."
         )
-
-
 
 
 def _copy_flat(out: Tensor, tensor: Tensor) -> Tensor:

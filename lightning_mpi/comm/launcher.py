@@ -14,6 +14,7 @@ _SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PALS_SIZE")
 _SLURM_PMIX_NAMESPACE = "slurm.pmix."
 #: Seconds a rank waits between writing why it aborts and calling MPI_Abort, for the launcher to forward the text.
 
+
 def launched_by_mpi() -> bool:
     """Whether an MPI launcher (mpirun, mpiexec, srun with an MPI plugin) started this process."""
     return any(name in os.environ for name in LAUNCHER_VARIABLES)
@@ -74,7 +75,7 @@ def mpi_world_size() -> int:
     mod = sys.modules.get("mpi4py.MPI")
     if mod is None or not mod.Is_initialized() or mod.Is_finalized():
         return 1
-    return mod.COMM_WORLD.Get_size()
+    return int(mod.COMM_WORLD.Get_size())
 
 
 def mpi_library() -> str | None:
@@ -85,5 +86,3 @@ def mpi_library() -> str | None:
         return None
     first = mod.Get_library_version().replace("\0", "").strip().split("\n")[0].split(",")[0]
     return " ".join(first.split()) or None
-
-

@@ -69,11 +69,17 @@ class _Monitor:
         op = self._op
         status = {"count": self._count, "failures": self._failures, "context": self._comm.context or "no step"}
         if op is None:
-            return {**status, "op": None, "text": f"not in a collective ({status['context']}; last finished: "
-                                                  f"#{self._count} {self._last})"}
+            return {
+                **status,
+                "op": None,
+                "text": f"not in a collective ({status['context']}; last finished: #{self._count} {self._last})",
+            }
         waited = time.monotonic() - self._since
-        return {**status, "op": op, "text": f"waiting {waited:.0f} s in #{self._count} {self._describe(op)} "
-                                            f"({status['context']})"}
+        return {
+            **status,
+            "op": op,
+            "text": f"waiting {waited:.0f} s in #{self._count} {self._describe(op)} ({status['context']})",
+        }
 
     # -- the thread --------------------------------------------------------------------------------------
 
@@ -84,13 +90,13 @@ class _Monitor:
                 op, timeout = self._op, self.timeout
                 if op is not None and timeout is not None and time.monotonic() - self._since > timeout:
                     self._report_stall_and_abort(op, timeout)
-            except Exception as err:  # noqa: BLE001 - the monitor must never take the rank down on its own
+            except Exception as err:
                 print(f"[lightning-mpi] rank {self._comm.rank}: monitor error {err!r}", file=sys.stderr, flush=True)
 
     def _answer_queries(self) -> None:
         # A matched probe: the message is ours alone even while another thread probes the same communicator.
         status = self._comm._MPI.Status()
-        while (message := self._side.improbe(source=self._comm._MPI.ANY_SOURCE, tag=self._QUERY, status=status)):
+        while message := self._side.improbe(source=self._comm._MPI.ANY_SOURCE, tag=self._QUERY, status=status):
             source, reply_tag = status.Get_source(), message.recv()
             self._side.send(self._status(), dest=source, tag=reply_tag)
 
@@ -119,8 +125,10 @@ class _Monitor:
         replies = self._ask_everyone(self._STALL_REPLY, min(5.0, max(1.0, timeout)), others)
         mine = self._status()
         lines = [f"rank {me}: {mine['text']}"]
-        lines += [f"rank {r}: {replies[r]['text'] if r in replies else 'no answer (process busy outside MPI, or gone)'}"
-                  for r in others]
+        lines += [
+            f"rank {r}: {replies[r]['text'] if r in replies else 'no answer (process busy outside MPI, or gone)'}"
+            for r in others
+        ]
         same = [me] + [r for r, s in replies.items() if s["op"] == op and s["count"] == self._count]
         elsewhere = [r for r, s in replies.items() if s["op"] is not None and r not in same]
         missing = [r for r in range(self._comm.size) if r not in same]
@@ -164,7 +172,8 @@ class _Monitor:
     def _told_every_rank_failed(self) -> bool:
         status = self._comm._MPI.Status()
         told = False
-        while (message := self._side.improbe(source=self._comm._MPI.ANY_SOURCE, tag=self._EVERY_RANK_FAILED,
-                                             status=status)):
+        while message := self._side.improbe(
+            source=self._comm._MPI.ANY_SOURCE, tag=self._EVERY_RANK_FAILED, status=status
+        ):
             told = told or message.recv() >= self._failures  # older verdicts are stale
         return told

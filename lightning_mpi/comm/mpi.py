@@ -14,7 +14,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_mpi.comm.base import CollectiveMismatch, Communicator, ReduceOpName, Reduction, check_op, validate_timeout
+from lightning_mpi.comm.base import (
+    CollectiveMismatch,
+    Communicator,
+    ReduceOpName,
+    Reduction,
+    check_op,
+    validate_timeout,
+)
 from lightning_mpi.comm.monitor import _Monitor
 from lightning_mpi.comm.overlap import _Background, _MPIReduction
 from lightning_mpi.comm.tensor_ops import TensorCollectives
@@ -24,14 +31,30 @@ ABORT_GRACE = 0.5
 # dtypes MPI can reduce directly through numpy; 16-bit floats are reduced in float32 (numpy has no bfloat16,
 # and MPI implementations do not reliably reduce half precision).
 _NUMPY_REDUCIBLE = {
-    torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
 }
 # Reductions that need nothing after MPI's (no division), for any dtype of _NUMPY_REDUCIBLE.
 _IN_PLACE_OPS = frozenset(("sum", "min", "max", "product"))
 # dtypes whose gathered layouts travel as integers (see MPICommunicator._allgather_layouts), up to this many dims
 _LAYOUT_DTYPES = (
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
-    torch.uint8, torch.bool, torch.complex64, torch.complex128,
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+    torch.complex128,
 )
 _LAYOUT_DIMS = 8
 # For pure data movement (broadcast, gather) any dtype can travel as raw bits of the same width.
@@ -65,8 +88,16 @@ class MPICommunicator(TensorCollectives, Communicator):
         self.num_nodes = sum(leaders)
         self.cuda_aware = _detect_cuda_aware()
         self.thread_multiple = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
-        self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX, "product": MPI.PROD,
-                     "band": MPI.BAND, "bor": MPI.BOR, "bxor": MPI.BXOR}
+        self._ops = {
+            "sum": MPI.SUM,
+            "mean": MPI.SUM,
+            "min": MPI.MIN,
+            "max": MPI.MAX,
+            "product": MPI.PROD,
+            "band": MPI.BAND,
+            "bor": MPI.BOR,
+            "bxor": MPI.BXOR,
+        }
         self._bytes = 0
         self._same_calls_reason: str | None = None
         self._background: _Background | None = None
@@ -142,8 +173,14 @@ class MPICommunicator(TensorCollectives, Communicator):
     # -- collectives -----------------------------------------------------------------------------------
 
     def allreduce_(self, tensor: Tensor, op: ReduceOpName = "sum") -> Tensor:
-        if (op in _IN_PLACE_OPS and self._same_calls_reason is None and tensor.dtype in _NUMPY_REDUCIBLE
-                and tensor.device.type == "cpu" and tensor.is_contiguous() and self.size > 1):
+        if (
+            op in _IN_PLACE_OPS
+            and self._same_calls_reason is None
+            and tensor.dtype in _NUMPY_REDUCIBLE
+            and tensor.device.type == "cpu"
+            and tensor.is_contiguous()
+            and self.size > 1
+        ):
             # The common case, kept lean (torch.distributed's all_reduce comes through here): MPI reads and writes
             # the tensor's own memory.
             self._watched_allreduce(tensor.detach().numpy(), self._ops[op], tensor)
@@ -252,14 +289,15 @@ class MPICommunicator(TensorCollectives, Communicator):
             return [obj]
         self._check_same_call("allgather_object")
         with self._collective("allgather_object"):
-            return self._comm.allgather(obj)
+            return list(self._comm.allgather(obj))
 
     def gather_object(self, obj: Any, root: int = 0) -> list[Any] | None:
         if self.size == 1:
             return [obj]
         self._check_same_call("gather_object")
         with self._collective("gather_object"):
-            return self._comm.gather(obj, root=root)
+            gathered = self._comm.gather(obj, root=root)
+        return list(gathered) if gathered is not None else None
 
     def barrier(self) -> None:
         if self.size == 1:
@@ -292,8 +330,9 @@ class MPICommunicator(TensorCollectives, Communicator):
             return
         codes = {name: i for i, name in enumerate(_CALL_KINDS)}
         dtype = _LAYOUT_DTYPES.index(tensor.dtype) if tensor is not None and tensor.dtype in _LAYOUT_DTYPES else -1
-        mine = torch.tensor([codes[kind], dtype, tensor.numel() if tensor is not None else 0,
-                             codes.get(op, -1)], dtype=torch.int64)
+        mine = torch.tensor(
+            [codes[kind], dtype, tensor.numel() if tensor is not None else 0, codes.get(op, -1)], dtype=torch.int64
+        )
         everyone = torch.empty((self.size, 4), dtype=torch.int64)
         with self._collective("call check", mine):
             self._comm.Allgather(mine.numpy(), everyone.numpy())
@@ -306,8 +345,19 @@ class MPICommunicator(TensorCollectives, Communicator):
         return self._monitor is None or self._monitor.all_ranks_failed(summary, patience)
 
 
-_CALL_KINDS = ("allreduce", "broadcast", "broadcast_object", "allgather", "allgather_object", "gather_object",
-               "barrier", "sum", "mean", "min", "max")
+_CALL_KINDS = (
+    "allreduce",
+    "broadcast",
+    "broadcast_object",
+    "allgather",
+    "allgather_object",
+    "gather_object",
+    "barrier",
+    "sum",
+    "mean",
+    "min",
+    "max",
+)
 
 
 def _describe_call(row: list[int]) -> str:
@@ -316,7 +366,6 @@ def _describe_call(row: list[int]) -> str:
     if dtype >= 0:
         text += f" of {numel} {_LAYOUT_DTYPES[dtype]}"
     return text + (f" ({_CALL_KINDS[op]})" if op >= 0 else "")
-
 
 
 def _buffer(tensor: Tensor) -> Any:
@@ -370,5 +419,3 @@ def _detect_cuda_aware() -> bool:
     except OSError:
         pass
     return False
-
-

@@ -50,7 +50,7 @@ class _MPIReduction(Reduction):
         try:
             self._owner._watched_allreduce(self._buffer, self._mpi_op, self._tensor, comm)
             self._owner._bytes += self._nbytes
-        except BaseException as error:  # noqa: BLE001 - handed to the thread that waits for it
+        except BaseException as error:
             self._error = error
         finally:
             self._done.set()
@@ -89,5 +89,3 @@ class _Background:
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             job.execute(self._comm)
-
-

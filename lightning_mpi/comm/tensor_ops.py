@@ -15,6 +15,8 @@ from torch import Tensor
 from lightning_mpi.comm.base import ReduceOpName, check_op
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from lightning_mpi.comm.mpi import MPICommunicator
 
 
@@ -22,7 +24,23 @@ class TensorCollectives:
     """Mixed into :class:`~lightning_mpi.comm.MPICommunicator`; every method is a collective over its ranks
     (send and receive excepted), under the stall monitor."""
 
-    def reduce_(self: MPICommunicator, tensor: Tensor, op: ReduceOpName, root: int) -> Tensor:
+    if TYPE_CHECKING:  # what the communicator it is mixed into provides
+        rank: int
+        size: int
+        _MPI: Any
+        _comm: Any
+        _ops: dict[str, Any]
+        _bytes: int
+        _monitor: Any
+
+        def _wire(self, tensor: Tensor, reducing: bool) -> tuple[Tensor, bool]: ...
+
+        @staticmethod
+        def _write_back(tensor: Tensor, wire: Tensor) -> None: ...
+
+        def _collective(self, kind: str, tensor: Tensor | None = None) -> AbstractContextManager[None]: ...
+
+    def reduce_(self, tensor: Tensor, op: ReduceOpName, root: int) -> Tensor:
         """Reduce ``tensor`` onto rank ``root`` in place (other ranks' tensors are left as they were)."""
         check_op(tensor, op)
         wire, staged = self._wire(tensor, reducing=True)
@@ -40,7 +58,7 @@ class TensorCollectives:
                 self._write_back(tensor, wire)
         return tensor
 
-    def allgather_into_(self: MPICommunicator, out: Tensor, tensor: Tensor, counts: list[int]) -> Tensor:
+    def allgather_into_(self, out: Tensor, tensor: Tensor, counts: list[int]) -> Tensor:
         """Every rank's ``tensor`` (``counts[r]`` elements from rank ``r``) into ``out``, in rank order."""
         wire, _ = self._wire(tensor, reducing=False)
         into, staged = self._output(out)
@@ -49,7 +67,7 @@ class TensorCollectives:
         self._bytes += wire.numel() * wire.element_size()
         return self._deliver(out, into, staged)
 
-    def gather_into_(self: MPICommunicator, out: Tensor | None, tensor: Tensor, counts: list[int], root: int) -> None:
+    def gather_into_(self, out: Tensor | None, tensor: Tensor, counts: list[int], root: int) -> None:
         """Every rank's ``tensor`` into ``out`` on rank ``root`` (``out`` is ``None`` elsewhere)."""
         wire, _ = self._wire(tensor, reducing=False)
         with self._collective(f"gather(root={root})", tensor):
@@ -62,7 +80,7 @@ class TensorCollectives:
                 self._comm.Gatherv(_host(wire), None, root=root)
         self._bytes += wire.numel() * wire.element_size()
 
-    def scatter_from_(self: MPICommunicator, tensor: Tensor, source: Tensor | None, counts: list[int], root: int) -> None:
+    def scatter_from_(self, tensor: Tensor, source: Tensor | None, counts: list[int], root: int) -> None:
         """Rank ``r`` receives ``counts[r]`` elements of rank ``root``'s ``source`` into ``tensor``."""
         into, staged = self._output(tensor)
         with self._collective(f"scatter(root={root})", tensor):
@@ -75,7 +93,7 @@ class TensorCollectives:
                 self._comm.Scatterv(None, _host(into), root=root)
         self._deliver(tensor, into, staged)
 
-    def alltoallv_(self: MPICommunicator, out: Tensor, tensor: Tensor, out_counts: list[int], in_counts: list[int]) -> Tensor:
+    def alltoallv_(self, out: Tensor, tensor: Tensor, out_counts: list[int], in_counts: list[int]) -> Tensor:
         """Rank ``r`` sends ``in_counts[s]`` consecutive elements of ``tensor`` to each rank ``s`` and receives
         ``out_counts[s]`` from each into ``out``."""
         wire, _ = self._wire(tensor, reducing=False)
@@ -85,7 +103,7 @@ class TensorCollectives:
         self._bytes += wire.numel() * wire.element_size()
         return self._deliver(out, into, staged)
 
-    def reduce_scatter_(self: MPICommunicator, out: Tensor, tensor: Tensor, counts: list[int], op: ReduceOpName) -> Tensor:
+    def reduce_scatter_(self, out: Tensor, tensor: Tensor, counts: list[int], op: ReduceOpName) -> Tensor:
         """Reduce ``tensor`` over ranks and give rank ``r`` its ``counts[r]`` elements of the result in ``out``."""
         check_op(tensor, op)
         wire, _ = self._wire(tensor, reducing=True)
@@ -98,31 +116,31 @@ class TensorCollectives:
         self._write_back(out, into.view(out.shape) if out.numel() == into.numel() else into)
         return out
 
-    def send(self: MPICommunicator, tensor: Tensor, dest: int, tag: int) -> Any:
+    def send(self, tensor: Tensor, dest: int, tag: int) -> Any:
         """Start sending ``tensor`` to rank ``dest``; returns the request and the buffer it reads (keep both)."""
         wire, _ = self._wire(tensor, reducing=False)
         self._bytes += wire.numel() * wire.element_size()
         return self._comm.Isend(_host(wire), dest=dest, tag=tag), wire
 
-    def recv(self: MPICommunicator, tensor: Tensor, source: int | None, tag: int) -> Any:
+    def recv(self, tensor: Tensor, source: int | None, tag: int) -> Any:
         """Start receiving into ``tensor`` from ``source`` (``None``: any rank); ``finish_recv`` completes it."""
         into, staged = self._output(tensor)
         source = self._MPI.ANY_SOURCE if source is None else source
         return self._comm.Irecv(_host(into), source=source, tag=tag), (tensor, into, staged)
 
-    def wait(self: MPICommunicator, request: Any, what: str, tensor: Tensor | None) -> int:
+    def wait(self, request: Any, what: str, tensor: Tensor | None) -> int:
         """Wait for a started send or receive under the stall monitor; returns the peer's rank."""
         status = self._MPI.Status()
         with self._collective(what, tensor):
             request.Wait(status)
-        return status.Get_source()
+        return int(status.Get_source())
 
-    def finish_recv(self: MPICommunicator, received: tuple[Tensor, Tensor, bool]) -> None:
+    def finish_recv(self, received: tuple[Tensor, Tensor, bool]) -> None:
         """After :meth:`wait` on a receive: its data where the caller's tensor is (if it was staged)."""
         tensor, into, staged = received
         self._deliver(tensor, into, staged)
 
-    def subgroup(self: MPICommunicator, ranks: list[int], timeout: float | None) -> MPICommunicator:
+    def subgroup(self, ranks: list[int], timeout: float | None) -> MPICommunicator:
         """A communicator over ``ranks`` (ranks of this one, in this order); only those ranks call it. Its calls are
         watched by this communicator's stall monitor (no thread of its own)."""
         # Creating it is collective (over its ranks): watched like any collective, so a rank that never comes is
@@ -132,18 +150,20 @@ class TensorCollectives:
             sub = self._comm.Create_group(group, tag=0)
             group.Free()
             try:
-                return type(self)(sub, timeout=timeout, monitor=self._monitor)
+                from lightning_mpi.comm.mpi import MPICommunicator
+
+                return MPICommunicator(sub, timeout=timeout, monitor=self._monitor)
             finally:
                 sub.Free()
 
     # -- outputs ---------------------------------------------------------------------------------------
 
-    def _output(self: MPICommunicator, out: Tensor) -> tuple[Tensor, bool]:
+    def _output(self, out: Tensor) -> tuple[Tensor, bool]:
         """The buffer MPI writes into for ``out``, and whether it is a staging copy to deliver afterwards."""
         wire, staged = self._wire(out, reducing=False)
         return wire, staged
 
-    def _deliver(self: MPICommunicator, out: Tensor, into: Tensor, staged: bool) -> Tensor:
+    def _deliver(self, out: Tensor, into: Tensor, staged: bool) -> Tensor:
         if staged:
             self._write_back(out, into.reshape(out.shape) if into.shape != out.shape else into)
         return out

@@ -5,10 +5,12 @@ Under ``mpirun``/``srun``, a plain PyTorch script starts it with::
     import lightning_mpi  # registers the backend; initialises nothing
     torch.distributed.init_process_group("mpi4py", init_method="mpi4py://")
 
-Ranks and world size come from MPI: no TCP store, no listening socket, no ``MASTER_ADDR``/``MASTER_PORT``. Without
-an MPI launcher it is a world of one process. Every call of torch.distributed that reaches a process group from
-Python works (see :class:`~lightning_mpi.distributed.process_group.MPIProcessGroup`); calls that torch routes to a
-C++ backend only (``torch.distributed._functional_collectives``' all-gather and reduce-scatter, ``monitored_barrier``,
+Ranks and world size come from MPI, and no ``MASTER_ADDR``/``MASTER_PORT`` is needed: the store that other backends
+use (``new_group(backend="gloo")``) is served by rank 0 on a port it picks, its address sent over MPI
+(:mod:`lightning_mpi.distributed.store`). Without an MPI launcher it is a world of one process. Every call of
+torch.distributed that reaches a process group from Python works (see
+:class:`~lightning_mpi.distributed.process_group.MPIProcessGroup`); calls that torch routes to a C++ backend only
+(``torch.distributed._functional_collectives``' all-gather and reduce-scatter, ``monitored_barrier``,
 ``batch_isend_irecv``'s coalescing) are listed in the docs.
 """
 
@@ -23,6 +25,7 @@ import torch.distributed as dist
 
 from lightning_mpi.comm import Communicator, MPICommunicator, world
 from lightning_mpi.distributed.process_group import BACKEND, MPIProcessGroup
+from lightning_mpi.distributed.store import shared_store
 
 __all__ = ["BACKEND", "MPIProcessGroup", "init_process_group", "register"]
 
@@ -48,9 +51,9 @@ def init_process_group(timeout: float | None = None) -> None:
 
 
 def _rendezvous(url: str, timeout: timedelta = timedelta(minutes=30), **kwargs: Any) -> Iterator[tuple[Any, int, int]]:
-    """Rank and size from MPI; the store is local to each process (the backend never uses it)."""
+    """Rank and size from MPI; a store shared by every rank (the mpi4py backend never uses it, gloo sub-groups do)."""
     comm = world()
-    yield dist.HashStore(), comm.rank, comm.size
+    yield shared_store(comm, timeout), comm.rank, comm.size
 
 
 def _create(options: Any, backend_options: Any) -> MPIProcessGroup:

@@ -93,7 +93,7 @@ class OrderedExecutor:
             with self._running:
                 try:
                     result = job()
-                except BaseException as caught:  # noqa: BLE001 - handed to whoever waits on the future
+                except BaseException as caught:
                     error = caught
             with self._state:
                 self._pending -= 1

@@ -18,7 +18,13 @@ from lightning_mpi.distributed.executor import OrderedExecutor
 BACKEND = "mpi4py"
 
 _REDUCTIONS: dict[str, ReduceOpName] = {
-    "SUM": "sum", "AVG": "mean", "PRODUCT": "product", "MIN": "min", "MAX": "max", "BAND": "band", "BOR": "bor",
+    "SUM": "sum",
+    "AVG": "mean",
+    "PRODUCT": "product",
+    "MIN": "min",
+    "MAX": "max",
+    "BAND": "band",
+    "BOR": "bor",
     "BXOR": "bxor",
 }
 
@@ -141,13 +147,16 @@ class MPIProcessGroup(dist.ProcessGroup):
         opts = opts or dist.ReduceScatterOptions()
         op = self._reduction(opts)
         _check_divisible("reduce_scatter_single", input, output, self.comm.size)
-        return self._run(lambda: self.comm.reduce_scatter_(output, input, [output.numel()] * self.comm.size, op),
-                         opts, output)
+        return self._run(
+            lambda: self.comm.reduce_scatter_(output, input, [output.numel()] * self.comm.size, op), opts, output
+        )
 
     _reduce_scatter_base = reduce_scatter_single
 
     @override
-    def reduce_scatter_single_coalesced(self, outputs: list[Tensor], inputs: list[Tensor], opts: Any = None) -> dist.Work:
+    def reduce_scatter_single_coalesced(
+        self, outputs: list[Tensor], inputs: list[Tensor], opts: Any = None
+    ) -> dist.Work:
         opts = opts or dist.ReduceScatterOptions()
         op = self._reduction(opts)
 
@@ -187,8 +196,9 @@ class MPIProcessGroup(dist.ProcessGroup):
     def all_gather_single(self, output: Tensor, input: Tensor, opts: Any = None) -> dist.Work:
         opts = opts or dist.AllgatherOptions()
         _check_divisible("all_gather_single", output, input, self.comm.size)
-        return self._run(lambda: self.comm.allgather_into_(output, input, [input.numel()] * self.comm.size),
-                         opts, output)
+        return self._run(
+            lambda: self.comm.allgather_into_(output, input, [input.numel()] * self.comm.size), opts, output
+        )
 
     _allgather_base = all_gather_single
 
@@ -252,7 +262,12 @@ class MPIProcessGroup(dist.ProcessGroup):
 
     @override
     def all_to_all_single(
-        self, output: Tensor, input: Tensor, output_split_sizes: list[int], input_split_sizes: list[int], opts: Any = None
+        self,
+        output: Tensor,
+        input: Tensor,
+        output_split_sizes: list[int],
+        input_split_sizes: list[int],
+        opts: Any = None,
     ) -> dist.Work:
         opts = opts or dist.AllToAllOptions()
         size = self.comm.size
@@ -360,8 +375,12 @@ def _counts(tensor: Tensor, splits: list[int], size: int, name: str) -> list[int
     row = tensor[0].numel() if tensor.dim() > 0 and tensor.shape[0] > 0 else max(1, tensor.numel())
     if not splits:
         if tensor.dim() == 0 or tensor.shape[0] % size:
-            raise ValueError(f"all_to_all_single: the first dimension ({tuple(tensor.shape)}) must divide by {size} ranks.")
+            raise ValueError(
+                f"all_to_all_single: the first dimension ({tuple(tensor.shape)}) must divide by {size} ranks."
+            )
         return [tensor.numel() // size] * size
     if len(splits) != size or sum(splits) != tensor.shape[0]:
-        raise ValueError(f"all_to_all_single: {name}={list(splits)} must give {size} row counts summing to {tensor.shape[0]}.")
+        raise ValueError(
+            f"all_to_all_single: {name}={list(splits)} must give {size} row counts summing to {tensor.shape[0]}."
+        )
     return [s * row for s in splits]

@@ -79,13 +79,19 @@ def find_idx(root: str | os.PathLike, split: str, kind: str) -> Path:
     """The file ``{split}-{kind}-idx{n}-ubyte`` in ``root``, gzipped or raw (``kind``: images or labels)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"IDX directory not found: {root.resolve()}")
+        raise FileNotFoundError(
+            f"IDX directory not found: {root.resolve()}. Point data.source.root= at a directory with MNIST's IDX files "
+            "(docs/recipes.md says where to download them), or run on the embedded digits with data=digits."
+        )
     n = 3 if kind == "images" else 1
     stem = f"{split}-{kind}-idx{n}-ubyte"
     for name in (f"{stem}.gz", stem):
         if (root / name).is_file():
             return root / name
-    raise FileNotFoundError(f"Neither {stem}.gz nor {stem} in {root.resolve()} (MNIST/Fashion-MNIST file names).")
+    raise FileNotFoundError(
+        f"Neither {stem}.gz nor {stem} in {root.resolve()} (MNIST/Fashion-MNIST file names); the embedded "
+        "alternative needs no file: data=digits."
+    )
 
 
 def load_idx_images(root: str | os.PathLike, split: str = "t10k") -> tuple[Tensor, Tensor]:

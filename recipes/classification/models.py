@@ -111,7 +111,8 @@ class Classifier(LightningModule):
             self.log(f"test/member_{i}/acc", accuracy, batch_size=len(y), sync_dist=True)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        """``logits`` (the ensemble's under ``sync="ensemble"``), ``members`` ``[members, batch, classes]``, ``target``."""
+        """``logits`` (the ensemble's under ``sync="ensemble"``), ``members`` ``[members, batch, classes]``,
+        ``target``."""
         x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
         logits = self(x)
         out = {"logits": logits, "members": self._member_outputs(logits)}

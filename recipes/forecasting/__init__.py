@@ -1,1 +1,1 @@
-"""Forecasting recipe: time-series data (SIR generator, NYT loader, windows, distributed scaling) and recurrent models."""
+"""Forecasting recipe: time series (SIR generator, NYT loader, windows, distributed scaling) and recurrent models."""

@@ -80,7 +80,11 @@ def _read_csv(path: str | os.PathLike, required: tuple[str, ...]):  # -> pandas.
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Data file {str(path)!r} does not exist (resolved: {path.resolve()}).")
+        raise FileNotFoundError(
+            f"Data file {str(path)!r} does not exist (resolved: {path.resolve()}). Point data.path= at the New York "
+            "Times us-states.csv (docs/recipes.md says where to download it), or use the embedded SIR epidemic: "
+            "data=sir."
+        )
     try:
         frame = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
@@ -349,11 +353,14 @@ def errors(prediction: np.ndarray, target: np.ndarray) -> dict[str, float]:
     """
     from torchmetrics.functional import mean_absolute_error, mean_squared_error
 
-    p, t = torch.as_tensor(np.asarray(prediction), dtype=torch.float64), torch.as_tensor(np.asarray(target), dtype=torch.float64)
+    p, t = (
+        torch.as_tensor(np.asarray(prediction), dtype=torch.float64),
+        torch.as_tensor(np.asarray(target), dtype=torch.float64),
+    )
     return {"rmse": float(mean_squared_error(p, t, squared=False)), "mae": float(mean_absolute_error(p, t))}
 
 
-# -- LightningDataModule ------------------------------------------------------------------------------------------------
+# -- LightningDataModule -----------------------------------------------------------------------------------------------
 
 
 class ForecastDataModule(LightningDataModule):
@@ -455,6 +462,9 @@ class ForecastDataModule(LightningDataModule):
         """RMSE and MAE of persistence and 7-day seasonal naive on the test targets, in case counts."""
         x, y = self.test_windows()
         out = {}
-        for name, forecast in (("persistence", persistence(x, self.horizon)), ("seasonal7", seasonal_naive(x, self.horizon))):
+        for name, forecast in (
+            ("persistence", persistence(x, self.horizon)),
+            ("seasonal7", seasonal_naive(x, self.horizon)),
+        ):
             out[name] = errors(forecast, y)
         return out

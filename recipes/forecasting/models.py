@@ -49,7 +49,11 @@ class RecurrentForecaster(LightningModule):
         self.save_hyperparameters(ignore=["transform", "optimizer"])
         self.optimizer_factory = optimizer or functools.partial(torch.optim.Adam, lr=1e-3)
         self.rnn = self.cell(
-            1, hidden_size, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0,
+            1,
+            hidden_size,
+            num_layers,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
             bidirectional=self.bidirectional,
         )
         self.head = nn.Linear(hidden_size * (2 if self.bidirectional else 1), horizon)

@@ -91,15 +91,27 @@ class _State:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("conformance", "lightning-mpi conformance harness")
-    group.addoption("--conformance", choices=("reference", "inject", "ddp"), default=None,
-                    help="reference: record only; inject: give eligible Trainers an MPIStrategy; ddp: give them "
-                         "Lightning's DDPStrategy over gloo instead (the calibration: what DDP passes)")
+    group.addoption(
+        "--conformance",
+        choices=("reference", "inject", "ddp"),
+        default=None,
+        help="reference: record only; inject: give eligible Trainers an MPIStrategy; ddp: give them "
+        "Lightning's DDPStrategy over gloo instead (the calibration: what DDP passes)",
+    )
     group.addoption("--conformance-results", default=None, help="directory for rank<r>.jsonl (and rank<r>.log)")
     group.addoption("--conformance-skip", default=None, help="file of test ids (one per line) to deselect")
-    group.addoption("--conformance-stall-timeout", type=float, default=60.0,
-                    help="MPIStrategy(timeout=...) of injected strategies, seconds")
-    group.addoption("--conformance-barrier-timeout", type=float, default=900.0,
-                    help="seconds a rank waits for the others between tests before aborting the job")
+    group.addoption(
+        "--conformance-stall-timeout",
+        type=float,
+        default=60.0,
+        help="MPIStrategy(timeout=...) of injected strategies, seconds",
+    )
+    group.addoption(
+        "--conformance-barrier-timeout",
+        type=float,
+        default=900.0,
+        help="seconds a rank waits for the others between tests before aborting the job",
+    )
     group.addoption("--conformance-tmp", default=None, help="parent of the shared temporary base directory")
     group.addoption("--conformance-memory-gb", type=float, default=8.0, help="RLIMIT_AS per process (0: none)")
     group.addoption("--conformance-log", action="store_true", help="send this rank's fd 1 and 2 to rank<r>.log")
@@ -156,10 +168,21 @@ def pytest_configure(config: pytest.Config) -> None:
 
     state.out = open(results / f"rank{state.rank}.jsonl", "a", buffering=1)  # noqa: SIM115 - open for the session
     state.write(
-        event="session", rank=state.rank, size=state.size, mode=state.mode, pid=os.getpid(),
-        host=os.uname().nodename, python=sys.executable, lightning=lightning.__file__,
-        lightning_version=lightning.__version__, lightning_mpi=lightning_mpi_file, tmp_base=str(state.base),
-        cwd=os.getcwd(), memory_gb=memory_gb, stall_timeout=state.stall_timeout, argv=sys.argv,
+        event="session",
+        rank=state.rank,
+        size=state.size,
+        mode=state.mode,
+        pid=os.getpid(),
+        host=os.uname().nodename,
+        python=sys.executable,
+        lightning=lightning.__file__,
+        lightning_version=lightning.__version__,
+        lightning_mpi=lightning_mpi_file,
+        tmp_base=str(state.base),
+        cwd=os.getcwd(),
+        memory_gb=memory_gb,
+        stall_timeout=state.stall_timeout,
+        argv=sys.argv,
     )
     _patch_accelerator_connector(state)
 
@@ -179,8 +202,9 @@ def _ddp_names() -> set[str]:
     return {name for name, entry in StrategyRegistry.items() if entry["strategy"] is DDPStrategy}
 
 
-def decide(strategy: Any, accelerator: Any, devices: Any, num_nodes: Any, plugins: Any,
-           world_size: int) -> tuple[bool, str]:
+def decide(
+    strategy: Any, accelerator: Any, devices: Any, num_nodes: Any, plugins: Any, world_size: int
+) -> tuple[bool, str]:
     """Whether a Trainer built with these arguments gets an MPIStrategy, and why (or why not)."""
     from lightning.fabric.accelerators.cpu import _parse_cpu_cores
     from lightning.fabric.plugins.environments import ClusterEnvironment
@@ -219,7 +243,7 @@ def decide(strategy: Any, accelerator: Any, devices: Any, num_nodes: Any, plugin
     else:
         try:
             count = _parse_cpu_cores(devices)
-        except Exception:  # noqa: BLE001 - an invalid value: let Lightning raise what the test expects
+        except Exception:
             return False, f"devices={devices!r} is not a CPU process count"
     if count not in (1, world_size):
         return False, f"devices={count} CPU processes asked, MPI world size is {world_size}"
@@ -238,9 +262,10 @@ def _patch_accelerator_connector(state: _State) -> None:
         bound.apply_defaults()
         a = bound.arguments
         try:
-            eligible, why = decide(a["strategy"], a["accelerator"], a["devices"], a["num_nodes"], a["plugins"],
-                                   state.size)
-        except Exception as exc:  # noqa: BLE001 - never let the harness's own decision break a test
+            eligible, why = decide(
+                a["strategy"], a["accelerator"], a["devices"], a["num_nodes"], a["plugins"], state.size
+            )
+        except Exception as exc:
             eligible, why = False, f"harness could not decide: {type(exc).__name__}: {exc}"
         injected = eligible and state.mode in ("inject", "ddp")
         if injected and state.mode == "inject":
@@ -264,7 +289,7 @@ def _patch_accelerator_connector(state: _State) -> None:
 
 
 def _dirname(nodeid: str) -> str:
-    digest = hashlib.sha1(nodeid.encode()).hexdigest()[:10]
+    digest = hashlib.sha1(nodeid.encode(), usedforsecurity=False).hexdigest()[:10]
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid.split("::", 1)[-1])[:60]
     return f"{readable}-{digest}"
 
@@ -310,7 +335,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     nodeids = [item.nodeid for item in session.items]
     state.write(event="collected", nodeids=nodeids)
     if state.hcomm is not None:
-        digest = hashlib.sha1("\n".join(nodeids).encode()).hexdigest()
+        digest = hashlib.sha1("\n".join(nodeids).encode(), usedforsecurity=False).hexdigest()
         digests = state.hcomm.allgather(digest)
         if len(set(digests)) != 1:
             state.write(event="abort", reason=f"ranks collected different tests: {digests}")
@@ -326,8 +351,10 @@ def _wait_for_all_ranks(state: _State, nodeid: str) -> None:
     deadline = time.monotonic() + state.barrier_timeout
     while not request.Test():
         if time.monotonic() > deadline:
-            message = (f"[conformance] rank {state.rank}: the other ranks did not reach {nodeid} within "
-                       f"{state.barrier_timeout:g} s; aborting the job")
+            message = (
+                f"[conformance] rank {state.rank}: the other ranks did not reach {nodeid} within "
+                f"{state.barrier_timeout:g} s; aborting the job"
+            )
             state.write(event="abort", nodeid=nodeid, reason=message)
             print(message, file=sys.stderr, flush=True)
             state.hcomm.Abort(4)
@@ -351,8 +378,13 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  #
     finally:
         outcome, when, reason = _outcome(state.reports)
         state.write(
-            event="end", nodeid=item.nodeid, outcome=outcome, when=when, reason=reason,
-            duration=round(time.monotonic() - state.started, 3), trainers=state.trainers,
+            event="end",
+            nodeid=item.nodeid,
+            outcome=outcome,
+            when=when,
+            reason=reason,
+            duration=round(time.monotonic() - state.started, 3),
+            trainers=state.trainers,
         )
         state.current = None
 

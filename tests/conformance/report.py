@@ -73,18 +73,24 @@ def render(configs: dict[str, dict[str, Any]]) -> str:
     settings = next(iter(configs.values())).get("settings", {})
     lines += [
         "",
-        ("Cells: passed / failed / skipped / ended the job (failed includes errors in set-up or tear-down; at world "
-        "size > 1 a test passes only if it passed on every rank). A test \"ended the job\" when the MPI job died "
-        "while it ran (an exception that lightning-mpi turns into MPI_Abort, a stalled collective reported by the "
-        f"watchdog after {settings.get('stall_timeout', '?')} s, a crash); the rest of the tests ran in a new job. "
-        f"Limits: {settings.get('test_timeout', '?')} s per test (pytest-timeout), "
-        f"{settings.get('memory_gb', '?')} GiB of address space per process (a test that exceeds it fails with "
-        "MemoryError)."),
+        (
+            "Cells: passed / failed / skipped / ended the job (failed includes errors in set-up or tear-down; at world "
+            'size > 1 a test passes only if it passed on every rank). A test "ended the job" when the MPI job died '
+            "while it ran (an exception that lightning-mpi turns into MPI_Abort, a stalled collective reported by the "
+            f"watchdog after {settings.get('stall_timeout', '?')} s, a crash); the rest of the tests ran in a new job. "
+            f"Limits: {settings.get('test_timeout', '?')} s per test (pytest-timeout), "
+            f"{settings.get('memory_gb', '?')} GiB of address space per process (a test that exceeds it fails with "
+            "MemoryError)."
+        ),
         "",
-        ("MPIStrategy replaces the default strategy and DDP on CPU Trainers (one node, `devices` 1 or the world size); "
-        "other Trainers keep theirs (see `tests/conformance/mpi_inject_plugin.py`). At world size > 1 every rank runs "
-        "every test, also tests that build no Trainer: they share `tmp_path`, and `rank_zero_only.rank` is the "
-        "process's MPI rank, so rank-zero-only warnings and logs are absent on the other ranks."),
+        (
+            "MPIStrategy replaces the default strategy and DDP on CPU Trainers (one node, `devices` 1 or the "
+            "world size); "
+            "other Trainers keep theirs (see `tests/conformance/mpi_inject_plugin.py`). At world size > 1 "
+            "every rank runs "
+            "every test, also tests that build no Trainer: they share `tmp_path`, and `rank_zero_only.rank` is the "
+            "process's MPI rank, so rank-zero-only warnings and logs are absent on the other ranks."
+        ),
         "",
     ]
     titles = [f"{label}: {_title(label, configs[label])}" for label in labels]
@@ -102,24 +108,29 @@ def render(configs: dict[str, dict[str, Any]]) -> str:
             totals[label].update(counts)
             cells.append(" / ".join(str(counts.get(c, 0)) for c in COLUMNS))
         lines.append(f"| {name} | {len(nodeids)} | " + " | ".join(cells) + " |")
-    lines.append(f"| **total** | **{collected_total}** | "
-                 + " | ".join("**" + " / ".join(str(totals[l].get(c, 0)) for c in COLUMNS) + "**" for l in labels)
-                 + " |")
+    lines.append(
+        f"| **total** | **{collected_total}** | "
+        + " | ".join("**" + " / ".join(str(totals[label].get(c, 0)) for c in COLUMNS) + "**" for label in labels)
+        + " |"
+    )
     lines.append("")
     for label in labels:
         if configs[label]["mode"] in ("inject", "ddp"):
             tests = configs[label]["tests"]
             injected = sum(1 for t in tests.values() if t.get("injected"))
-            lines.append(f"- {label}: MPIStrategy was injected into at least one Trainer in {injected} of "
-                         f"{len(tests)} tests.")
+            lines.append(
+                f"- {label}: MPIStrategy was injected into at least one Trainer in {injected} of {len(tests)} tests."
+            )
     lines.append("")
 
     if reference is None:
         return "\n".join(lines) + "\n"
     passing = [n for n in reference["order"] if reference["tests"].get(n, {}).get("outcome") == "passed"]
     lines += [f"## Tests that pass with the default strategy ({len(passing)})", ""]
-    lines += ["| configuration | passed | failed | skipped | ended the job | MPIStrategy injected in |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "| configuration | passed | failed | skipped | ended the job | MPIStrategy injected in |",
+        "|---|---|---|---|---|---|",
+    ]
     for label in labels:
         if label == "reference":
             continue
@@ -136,14 +147,18 @@ def render(configs: dict[str, dict[str, Any]]) -> str:
         tests = configs[label]["tests"]
         broken = [n for n in passing if n in tests and tests[n]["outcome"] not in ("passed", "skipped")]
         skipped = [n for n in passing if n in tests and tests[n]["outcome"] == "skipped"]
-        lines += [(f"## {label}: pass with the default strategy, not with {_title(label, configs[label])} "
-                  f"({len(broken)})"), ""]
+        lines += [
+            (f"## {label}: pass with the default strategy, not with {_title(label, configs[label])} ({len(broken)})"),
+            "",
+        ]
         if broken:
             explained = True
-            lines += ["| test | outcome | injected | first line of the failure |"
-                      + (" DDP over gloo, same world size |" if ddp is not None else "")
-                      + (" why |" if explained else ""),
-                      "|---|---|---|---|" + ("---|" if ddp is not None else "") + ("---|" if explained else "")]
+            lines += [
+                "| test | outcome | injected | first line of the failure |"
+                + (" DDP over gloo, same world size |" if ddp is not None else "")
+                + (" why |" if explained else ""),
+                "|---|---|---|---|" + ("---|" if ddp is not None else "") + ("---|" if explained else ""),
+            ]
             for n in broken:
                 test = tests[n]
                 outcome = "ended the job" if test["outcome"] == "ended" else test["outcome"]

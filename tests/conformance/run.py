@@ -17,6 +17,7 @@ all tests have run. Results: ``<out>/<config>/results.json`` (plus the raw per-r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -67,14 +68,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lightning-src", required=True, type=Path, help="a Lightning source tree (its tests)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--ranks", type=int, nargs="*", default=[1, 2], help="world sizes with injection")
-    parser.add_argument("--ddp-ranks", type=int, nargs="*", default=[],
-                        help="world sizes with Lightning's DDPStrategy over gloo injected instead (the calibration)")
+    parser.add_argument(
+        "--ddp-ranks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="world sizes with Lightning's DDPStrategy over gloo injected instead (the calibration)",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip the default-strategy reference run")
-    parser.add_argument("--lightning-mpi-path", type=Path, default=None,
-                        help="directory put first on PYTHONPATH so that `import lightning_mpi` resolves there "
-                             "(e.g. a git worktree of another commit); checked inside every session")
-    parser.add_argument("--tests", nargs="*", default=None,
-                        help="test paths or ids relative to tests/tests_pytorch (default: the standard selection)")
+    parser.add_argument(
+        "--lightning-mpi-path",
+        type=Path,
+        default=None,
+        help="directory put first on PYTHONPATH so that `import lightning_mpi` resolves there "
+        "(e.g. a git worktree of another commit); checked inside every session",
+    )
+    parser.add_argument(
+        "--tests",
+        nargs="*",
+        default=None,
+        help="test paths or ids relative to tests/tests_pytorch (default: the standard selection)",
+    )
     parser.add_argument("-k", dest="keyword", default=None, help="pytest -k expression")
     parser.add_argument("--test-timeout", type=float, default=180, help="pytest-timeout per test, seconds")
     parser.add_argument("--stall-timeout", type=float, default=60, help="MPIStrategy(timeout=...) when injected")
@@ -101,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         result = run_config(args, label, size, mode, cwd, tests, src)
         counts = _count(result)
-        print(f"[conformance] {label}: {counts} in {time.monotonic() - started:.0f} s "
-              f"({len(result['sessions'])} session(s))", flush=True)
+        print(
+            f"[conformance] {label}: {counts} in {time.monotonic() - started:.0f} s "
+            f"({len(result['sessions'])} session(s))",
+            flush=True,
+        )
     if args.report:
         from tests.conformance.report import write_report
 
@@ -128,24 +145,49 @@ def _env(args: argparse.Namespace, size: int) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [*path, env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     if size > 1:
-        env.update({
-            "OMPI_ALLOW_RUN_AS_ROOT": "1",
-            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-            "OMPI_MCA_btl": env.get("OMPI_MCA_btl", "^ofi"),
-            "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
-        })
+        env.update(
+            {
+                "OMPI_ALLOW_RUN_AS_ROOT": "1",
+                "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                "OMPI_MCA_btl": env.get("OMPI_MCA_btl", "^ofi"),
+                "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
+            }
+        )
     return env
 
 
-def _command(args: argparse.Namespace, size: int, mode: str, part: Path, skip: Path, tmp: Path,
-             tests: list[str]) -> list[str]:
+def _command(
+    args: argparse.Namespace, size: int, mode: str, part: Path, skip: Path, tmp: Path, tests: list[str]
+) -> list[str]:
     pytest_argv = [
-        sys.executable, "-m", "pytest", "-p", "mpi_inject_plugin", "-p", "no:cacheprovider", "-p", "no:randomly",
-        "--color=no", "-q", "-s", f"--timeout={args.test_timeout:g}",
-        "--conformance", mode, "--conformance-results", str(part), "--conformance-skip", str(skip),
-        "--conformance-stall-timeout", f"{args.stall_timeout:g}", "--conformance-memory-gb", f"{args.memory_gb:g}",
-        "--conformance-barrier-timeout", f"{2 * args.test_timeout + 120:g}", "--conformance-log",
-        "--conformance-tmp", str(tmp),
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "mpi_inject_plugin",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:randomly",
+        "--color=no",
+        "-q",
+        "-s",
+        f"--timeout={args.test_timeout:g}",
+        "--conformance",
+        mode,
+        "--conformance-results",
+        str(part),
+        "--conformance-skip",
+        str(skip),
+        "--conformance-stall-timeout",
+        f"{args.stall_timeout:g}",
+        "--conformance-memory-gb",
+        f"{args.memory_gb:g}",
+        "--conformance-barrier-timeout",
+        f"{2 * args.test_timeout + 120:g}",
+        "--conformance-log",
+        "--conformance-tmp",
+        str(tmp),
     ]
     if args.keyword:
         pytest_argv += ["-k", args.keyword]
@@ -160,10 +202,8 @@ def _read_rank_files(part: Path) -> dict[int, list[dict[str, Any]]]:
     for path in sorted(part.glob("rank*.jsonl")):
         events = []
         for line in path.read_text().splitlines():
-            try:
+            with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a dying process
                 events.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a dying process
-                pass
         ranks[int(path.stem[4:])] = events
     return ranks
 
@@ -178,12 +218,12 @@ def _death_reason(part: Path, rank: int, nodeid: str) -> str | None:
         return None
     text = log.read_text(errors="replace")
     marker = f"[conformance] start {nodeid}"
-    text = text[text.rfind(marker):] if marker in text else text
+    text = text[text.rfind(marker) :] if marker in text else text
     lines = text.splitlines()
     for i, line in enumerate(lines):
         if line.startswith("[lightning-mpi] rank") and "failed:" in line:
             block = []
-            for follow in lines[i + 1:]:
+            for follow in lines[i + 1 :]:
                 if follow.startswith(("[lightning-mpi]", "MPI_ABORT", "----", "[conformance]")):
                     break
                 block.append(follow)
@@ -212,8 +252,9 @@ def _session_reason(log: Path) -> str | None:
     return found.group(0) if found else None
 
 
-def run_config(args: argparse.Namespace, label: str, size: int, mode: str, cwd: Path, tests: list[str],
-               src: Path) -> dict[str, Any]:
+def run_config(
+    args: argparse.Namespace, label: str, size: int, mode: str, cwd: Path, tests: list[str], src: Path
+) -> dict[str, Any]:
     root = args.out / label
     if root.exists():
         shutil.rmtree(root)
@@ -222,11 +263,23 @@ def run_config(args: argparse.Namespace, label: str, size: int, mode: str, cwd: 
     tmp_root.mkdir()
     skip = root / "skip.txt"
     skip.write_text("")
-    result: dict[str, Any] = {"label": label, "world_size": size, "mode": mode, "order": [], "tests": {},
-                              "sessions": [], "lightning_src": str(src),
-                              "settings": {"test_timeout": args.test_timeout, "stall_timeout": args.stall_timeout,
-                                           "memory_gb": args.memory_gb, "session_timeout": args.session_timeout,
-                                           "tests": tests, "keyword": args.keyword}}
+    result: dict[str, Any] = {
+        "label": label,
+        "world_size": size,
+        "mode": mode,
+        "order": [],
+        "tests": {},
+        "sessions": [],
+        "lightning_src": str(src),
+        "settings": {
+            "test_timeout": args.test_timeout,
+            "stall_timeout": args.stall_timeout,
+            "memory_gb": args.memory_gb,
+            "session_timeout": args.session_timeout,
+            "tests": tests,
+            "keyword": args.keyword,
+        },
+    }
     done: list[str] = []
     started = time.monotonic()
     for k in range(args.max_restarts):
@@ -237,8 +290,9 @@ def run_config(args: argparse.Namespace, label: str, size: int, mode: str, cwd: 
         with open(part / "session.log", "w") as log:
             log.write(" ".join(command) + "\n")
             log.flush()
-            proc = subprocess.Popen(command, cwd=cwd, env=_env(args, size), stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                command, cwd=cwd, env=_env(args, size), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
             try:
                 rc = proc.wait(timeout=args.session_timeout)
                 timed_out = False
@@ -248,10 +302,8 @@ def run_config(args: argparse.Namespace, label: str, size: int, mode: str, cwd: 
                 timed_out = True
                 log.write(f"\n[conformance] session killed at its wall-clock limit of {args.session_timeout:g} s\n")
         # whatever is left of the process group (spawned workers) goes too
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         seconds = time.monotonic() - t0
         ranks = _read_rank_files(part)
         headers = {r: next((e for e in ev if e["event"] == "session"), None) for r, ev in ranks.items()}
@@ -265,8 +317,13 @@ def run_config(args: argparse.Namespace, label: str, size: int, mode: str, cwd: 
             result["lightning_mpi"] = next((h["lightning_mpi"] for h in headers.values() if h), None)
 
         collected = next((e["nodeids"] for e in ranks.get(0, []) if e["event"] == "collected"), None)
-        session: dict[str, Any] = {"part": k, "rc": rc, "seconds": round(seconds, 1), "ended_by": None,
-                                   "timed_out": timed_out}
+        session: dict[str, Any] = {
+            "part": k,
+            "rc": rc,
+            "seconds": round(seconds, 1),
+            "ended_by": None,
+            "timed_out": timed_out,
+        }
         result["sessions"].append(session)
         if collected is None:
             session["error"] = "no collected test list (collection failed or the job died before it)"
@@ -300,22 +357,36 @@ def run_config(args: argparse.Namespace, label: str, size: int, mode: str, cwd: 
             else:
                 why = _death_reason(part, r, victim)
                 if why is None:
-                    why = ("did not start the test" if victim not in starts.get(r, set())
-                           else "killed while running the test (the job ended elsewhere)")
+                    why = (
+                        "did not start the test"
+                        if victim not in starts.get(r, set())
+                        else "killed while running the test (the job ended elsewhere)"
+                    )
                 reasons[r] = {"outcome": "ended", "reason": why}
-        job = (f"session wall-clock limit of {args.session_timeout:g} s" if timed_out
-               else _session_reason(part / "session.log") or f"exit code {rc}")
+        job = (
+            f"session wall-clock limit of {args.session_timeout:g} s"
+            if timed_out
+            else _session_reason(part / "session.log") or f"exit code {rc}"
+        )
         trainers = [e for e in ranks.get(0, []) if e["event"] == "trainer" and e.get("nodeid") == victim]
         trainers = [{key: t[key] for key in ("eligible", "injected", "why")} for t in trainers]
-        result["tests"][victim] = {"outcome": "ended", "ranks": reasons, "job": job, "trainers": trainers,
-                                   "injected": any(t["injected"] for t in trainers),
-                                   "eligible": any(t["eligible"] for t in trainers)}
+        result["tests"][victim] = {
+            "outcome": "ended",
+            "ranks": reasons,
+            "job": job,
+            "trainers": trainers,
+            "injected": any(t["injected"] for t in trainers),
+            "eligible": any(t["eligible"] for t in trainers),
+        }
         if not running:
             result["tests"][victim]["job"] += " (the job died between tests)"
         done.append(victim)
         session["ended_by"] = victim
-        print(f"[conformance] {label} part{k}: job ended during {victim} after {seconds:.0f} s: "
-              + "; ".join(f"rank {r}: {v['reason']}" for r, v in reasons.items()), flush=True)
+        print(
+            f"[conformance] {label} part{k}: job ended during {victim} after {seconds:.0f} s: "
+            + "; ".join(f"rank {r}: {v['reason']}" for r, v in reasons.items()),
+            flush=True,
+        )
         skip.write_text("\n".join(done) + "\n")
         if all(n in result["tests"] for n in result["order"]):
             break
@@ -358,8 +429,10 @@ def _combine(per_rank: dict[int, dict[str, Any]]) -> dict[str, Any]:
         outcome = "failed"
     return {
         "outcome": outcome,
-        "ranks": {r: {"outcome": e["outcome"], "reason": e["reason"], "when": e["when"], "duration": e["duration"]}
-                  for r, e in per_rank.items()},
+        "ranks": {
+            r: {"outcome": e["outcome"], "reason": e["reason"], "when": e["when"], "duration": e["duration"]}
+            for r, e in per_rank.items()
+        },
         "trainers": per_rank[0]["trainers"],
         "injected": any(t["injected"] for e in per_rank.values() for t in e["trainers"]),
         "eligible": any(t["eligible"] for e in per_rank.values() for t in e["trainers"]),

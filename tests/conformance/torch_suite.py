@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,16 +48,21 @@ def run_rank(out: Path, backend: str, done: set[str]) -> None:
         for sub in ("barrier", "test_dir", "init_dir"):
             os.makedirs(os.path.join(temp, sub), exist_ok=True)
     comm.Barrier()
-    os.environ.update({"PYTORCH_PRINT_REPRO_ON_FAILURE": "0", "BACKEND": backend, "WORLD_SIZE": str(size), "TEMP_DIR": temp,
-                       "INIT_METHOD": "mpi4py://" if backend == "mpi4py" else "env://"})
+    os.environ.update(
+        {
+            "PYTORCH_PRINT_REPRO_ON_FAILURE": "0",
+            "BACKEND": backend,
+            "WORLD_SIZE": str(size),
+            "TEMP_DIR": temp,
+            "INIT_METHOD": "mpi4py://" if backend == "mpi4py" else "env://",
+        }
+    )
 
     import torch.distributed as dist
-    from torch.testing._internal.common_distributed import DistTestCases
+    from torch.testing._internal.common_distributed import TEST_SKIPS, DistTestCases
     from torch.testing._internal.distributed import distributed_test as dt
 
     import lightning_mpi  # noqa: F401 - registers the backend
-
-    from torch.testing._internal.common_distributed import TEST_SKIPS
 
     skips = {skip.exit_code: skip.message for skip in TEST_SKIPS.values()}
     for feature in FEATURES:
@@ -70,8 +74,9 @@ def run_rank(out: Path, backend: str, done: set[str]) -> None:
         from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
         port = comm.bcast(find_free_network_port() if rank == 0 else None)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                                timeout=timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=timedelta(seconds=60)
+        )
 
     from torch.testing._internal.common_utils import TestCase  # torch's assertions (tensor-aware assertEqual, ...)
 
@@ -100,8 +105,13 @@ def run_rank(out: Path, backend: str, done: set[str]) -> None:
         start = time.monotonic()
         Case(name).run(outcome)
         status, reason = _status(outcome, skips)
-        record = {"test": name, "rank": rank, "status": status, "reason": reason,
-                  "seconds": round(time.monotonic() - start, 2)}
+        record = {
+            "test": name,
+            "rank": rank,
+            "status": status,
+            "reason": reason,
+            "seconds": round(time.monotonic() - start, 2),
+        }
         with results.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         comm.Barrier()
@@ -143,9 +153,15 @@ def launch(out: Path, backend: str, ranks: int, timeout: float) -> None:
         if broken is None or broken in done:
             raise RuntimeError(f"{backend} at {ranks} ranks failed outside a test:\n{text[-3000:]}")
         with (out / f"results-{backend}-{ranks}.jsonl").open("a") as handle:
-            tail = [line for line in text.strip().splitlines() if "Error" in line or "did not complete" in line][-1:] or [""]
-            handle.write(json.dumps({"test": broken, "rank": -1, "status": "hang or crash",
-                                     "reason": tail[0][:300], "seconds": None}) + "\n")
+            tail = [line for line in text.strip().splitlines() if "Error" in line or "did not complete" in line][
+                -1:
+            ] or [""]
+            handle.write(
+                json.dumps(
+                    {"test": broken, "rank": -1, "status": "hang or crash", "reason": tail[0][:300], "seconds": None}
+                )
+                + "\n"
+            )
         current.unlink()
 
 
@@ -171,16 +187,21 @@ def outcomes(out: Path, backend: str, ranks: int) -> dict[str, tuple[str, str]]:
 
 def report(out: Path, ranks: list[int], seconds: float | None) -> str:
     took = f" ({seconds:.0f} s)" if seconds else ""
-    lines = ["# PyTorch's distributed tests with the mpi4py backend", "",
-             "PyTorch's own `distributed_test.py` (from the installed torch wheel), the tests selected by "
-             "`tests/conformance/torch_suite.py` (collectives, point-to-point, objects, groups, DDP on CPU), run "
-             "under `mpirun` with the `mpi4py` backend and with gloo as the reference, every rank running the same "
-             "tests in the same order.", "",
-             f"Command: `python -m tests.conformance.torch_suite --ranks {' '.join(map(str, ranks))} "
-             f"--out docs/conformance/torch`{took}; raw outcomes per rank in `results-<backend>-<ranks>.jsonl`.", "",
-             "| ranks | tests | mpi4py passed | gloo passed | skipped by both | fail with both | "
-             "fail with mpi4py only | fail with gloo only |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# PyTorch's distributed tests with the mpi4py backend",
+        "",
+        "PyTorch's own `distributed_test.py` (from the installed torch wheel), the tests selected by "
+        "`tests/conformance/torch_suite.py` (collectives, point-to-point, objects, groups, DDP on CPU), run "
+        "under `mpirun` with the `mpi4py` backend and with gloo as the reference, every rank running the same "
+        "tests in the same order.",
+        "",
+        f"Command: `python -m tests.conformance.torch_suite --ranks {' '.join(map(str, ranks))} "
+        f"--out docs/conformance/torch`{took}; raw outcomes per rank in `results-<backend>-<ranks>.jsonl`.",
+        "",
+        "| ranks | tests | mpi4py passed | gloo passed | skipped by both | fail with both | "
+        "fail with mpi4py only | fail with gloo only |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     only_mpi, both, skips = [], [], {}
     for n in ranks:
         mpi, gloo = outcomes(out, "mpi4py", n), outcomes(out, "gloo", n)
@@ -196,17 +217,34 @@ def report(out: Path, ranks: list[int], seconds: float | None) -> str:
         skipped = [t for t in names if status(mpi, t) == "skipped" and status(gloo, t) == "skipped"]
         for t in skipped:
             skips[mpi[t][1]] = skips.get(mpi[t][1], 0) + 1
-        lines.append(f"| {n} | {len(names)} | {sum(status(mpi, t) == 'passed' for t in names)} | "
-                     f"{sum(status(gloo, t) == 'passed' for t in names)} | {len(skipped)} | {len(failing)} | "
-                     f"{len(mpi_only)} | {len(gloo_only)} |")
+        lines.append(
+            f"| {n} | {len(names)} | {sum(status(mpi, t) == 'passed' for t in names)} | "
+            f"{sum(status(gloo, t) == 'passed' for t in names)} | {len(skipped)} | {len(failing)} | "
+            f"{len(mpi_only)} | {len(gloo_only)} |"
+        )
         only_mpi += [f"| {n} | `{t}` | {mpi[t][0]} | {_cell(mpi[t][1])} |" for t in mpi_only]
         both += [f"| {n} | `{t}` | {_cell(mpi[t][1])} | {_cell(gloo[t][1])} |" for t in failing]
-    lines += ["", "## Fails with mpi4py, passes with gloo", "", "| ranks | test | outcome | reason |",
-              "|---:|---|---|---|", *(only_mpi or ["| - | none | | |"]), "",
-              "## Fails with both (the harness runs PyTorch's tests outside their spawning test case)", "",
-              "| ranks | test | mpi4py | gloo |", "|---:|---|---|---|", *(both or ["| - | none | | |"]), "",
-              "## Skipped by both, by reason (tests x world sizes)", "", "| reason | count |", "|---|---:|",
-              *[f"| {_cell(reason)} | {count} |" for reason, count in sorted(skips.items(), key=lambda kv: -kv[1])], ""]
+    lines += [
+        "",
+        "## Fails with mpi4py, passes with gloo",
+        "",
+        "| ranks | test | outcome | reason |",
+        "|---:|---|---|---|",
+        *(only_mpi or ["| - | none | | |"]),
+        "",
+        "## Fails with both (the harness runs PyTorch's tests outside their spawning test case)",
+        "",
+        "| ranks | test | mpi4py | gloo |",
+        "|---:|---|---|---|",
+        *(both or ["| - | none | | |"]),
+        "",
+        "## Skipped by both, by reason (tests x world sizes)",
+        "",
+        "| reason | count |",
+        "|---|---:|",
+        *[f"| {_cell(reason)} | {count} |" for reason, count in sorted(skips.items(), key=lambda kv: -kv[1])],
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -54,8 +54,16 @@ def _module():
 def _trainer(strategy, **kwargs):
     from lightning.pytorch import Trainer
 
-    return Trainer(strategy=strategy, accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    return Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 def main(out: Path, which: str) -> None:
@@ -78,8 +86,15 @@ def main(out: Path, which: str) -> None:
     val_loss = float(trainer.callback_metrics["val_loss"])
     tester = _trainer(strategy(), limit_test_batches=LIMIT, **devices)
     test_loss = float(tester.test(model, DataLoader(_data(), batch_size=BATCH), verbose=False)[0]["test_loss"])
-    torch.save({"world": trainer.world_size, "state": {k: v.clone() for k, v in model.state_dict().items()},
-                "val_loss": val_loss, "test_loss": test_loss}, out / f"{which}.rank{launcher_rank()}.pt")
+    torch.save(
+        {
+            "world": trainer.world_size,
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "val_loss": val_loss,
+            "test_loss": test_loss,
+        },
+        out / f"{which}.rank{launcher_rank()}.pt",
+    )
 
 
 def one_process_loss(state: dict, batches: int) -> float:
@@ -89,8 +104,10 @@ def one_process_loss(state: dict, batches: int) -> float:
     model.eval()
     x, y = _data().tensors
     with torch.no_grad():
-        losses = [nn.functional.mse_loss(model.net(x[i : i + BATCH]), y[i : i + BATCH]) for i in
-                  range(0, batches * BATCH, BATCH)]
+        losses = [
+            nn.functional.mse_loss(model.net(x[i : i + BATCH]), y[i : i + BATCH])
+            for i in range(0, batches * BATCH, BATCH)
+        ]
     return float(torch.stack(losses).mean())
 
 

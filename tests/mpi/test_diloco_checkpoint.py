@@ -30,9 +30,16 @@ def _fit(directory: Path | None):
     seed_everything(0)
     model = BoringModel()
     callbacks = [ModelCheckpoint(dirpath=directory, save_last=True, every_n_train_steps=STEPS)] if directory else []
-    trainer = Trainer(strategy=MPIStrategy(sync="average", every_n_steps=EVERY, outer_optimizer=NESTEROV),
-                      max_steps=STEPS, callbacks=callbacks, enable_checkpointing=bool(directory), logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = Trainer(
+        strategy=MPIStrategy(sync="average", every_n_steps=EVERY, outer_optimizer=NESTEROV),
+        max_steps=STEPS,
+        callbacks=callbacks,
+        enable_checkpointing=bool(directory),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(model)
     return model, trainer
 
@@ -40,8 +47,10 @@ def _fit(directory: Path | None):
 def main(out: Path) -> None:
     checkpointed, trainer = _fit(out / "checkpoints")
     plain, _ = _fit(None)
-    torch.save({"world": trainer.world_size, "final": checkpointed.state_dict(), "plain": plain.state_dict()},
-               out / f"fit.rank{trainer.global_rank}.pt")
+    torch.save(
+        {"world": trainer.world_size, "final": checkpointed.state_dict(), "plain": plain.state_dict()},
+        out / f"fit.rank{trainer.global_rank}.pt",
+    )
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])

@@ -53,11 +53,17 @@ def main(out: Path) -> None:
     writer = Writer()
     iterable_trainer = trainer(writer)
     streamed = iterable_trainer.predict(Identity(), DataLoader(Three(), batch_size=1))
-    torch.save({"world": iterable_trainer.world_size, "mapped": torch.cat(mapped).tolist(),
-                "mapped_written": torch.cat(mapped_written).tolist(),
-                "limited": torch.cat(limited_predictions).tolist(), "streamed": torch.cat(streamed).view(-1).tolist(),
-                "streamed_written": torch.cat(writer.received).view(-1).tolist()},
-               out / f"predict.rank{iterable_trainer.global_rank}.pt")
+    torch.save(
+        {
+            "world": iterable_trainer.world_size,
+            "mapped": torch.cat(mapped).tolist(),
+            "mapped_written": torch.cat(mapped_written).tolist(),
+            "limited": torch.cat(limited_predictions).tolist(),
+            "streamed": torch.cat(streamed).view(-1).tolist(),
+            "streamed_written": torch.cat(writer.received).view(-1).tolist(),
+        },
+        out / f"predict.rank{iterable_trainer.global_rank}.pt",
+    )
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ SAMPLES, BATCH, EPOCHS, LR = 48, 4, 2, 0.1
 def data(dtype: torch.dtype) -> TensorDataset:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(SAMPLES, 4, generator=g, dtype=torch.float64)
-    y = (x.sum(1, keepdim=True).sin() + 0.1 * torch.randn(SAMPLES, 1, generator=g, dtype=torch.float64))
+    y = x.sum(1, keepdim=True).sin() + 0.1 * torch.randn(SAMPLES, 1, generator=g, dtype=torch.float64)
     return TensorDataset(x.to(dtype), y.to(dtype), torch.arange(SAMPLES))
 
 
@@ -67,6 +68,15 @@ def _module(net: nn.Module, momentum: float, loader=None):
         def train_dataloader(self):
             return loader() if loader else None
 
+        def prepare_data(self) -> None:
+            # Lightning runs it on rank 0 while the others wait at a barrier over torch.distributed (a gloo group
+            # of its own): slow on purpose, so that a rank that did not wait finds no marker in setup.
+            time.sleep(1.0)
+            (Path(os.environ["PREPARED_DIR"]) / "prepared").write_text("done")
+
+        def setup(self, stage: str) -> None:
+            self.prepared = (Path(os.environ["PREPARED_DIR"]) / "prepared").exists()
+
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=LR, momentum=momentum)
 
@@ -76,8 +86,16 @@ def _module(net: nn.Module, momentum: float, loader=None):
 def _trainer(strategy, **kwargs):
     from lightning.pytorch import Trainer
 
-    return Trainer(strategy=strategy, accelerator="cpu", max_epochs=EPOCHS, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    return Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        max_epochs=EPOCHS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 def mpi_strategy_scenario(out: Path) -> None:
@@ -87,12 +105,22 @@ def mpi_strategy_scenario(out: Path) -> None:
     ds = data(torch.float32)
     module = _module(batchnorm_net(), 0.0, lambda: DataLoader(ds, batch_size=BATCH, sampler=DistributedSampler(ds)))
     trainer = _trainer(MPIStrategy(), sync_batchnorm=True, use_distributed_sampler=False)
+    os.environ["PREPARED_DIR"] = str(out)
     trainer.fit(module)
-    _save(out, "mpi_strategy", {"seen": module.seen, "rank_sums": module.rank_sums, "layers": module.layers,
-                                "after_fit": {type(m).__name__ for m in module.net},
-                                "initialized": torch.distributed.is_initialized(),
-                                "backend": torch.distributed.get_backend(),
-                                "state": {k: v.clone() for k, v in module.net.state_dict().items()}})
+    _save(
+        out,
+        "mpi_strategy",
+        {
+            "seen": module.seen,
+            "rank_sums": module.rank_sums,
+            "layers": module.layers,
+            "prepared": module.prepared,
+            "after_fit": {type(m).__name__ for m in module.net},
+            "initialized": torch.distributed.is_initialized(),
+            "backend": torch.distributed.get_backend(),
+            "state": {k: v.clone() for k, v in module.net.state_dict().items()},
+        },
+    )
 
 
 def ddp_scenario(out: Path) -> None:
@@ -136,8 +164,9 @@ def _world() -> int:
 
 
 def _save(out: Path, name: str, result: dict) -> None:
-    torch.save({"world": torch.distributed.get_world_size(), **result},
-               out / f"{name}.rank{torch.distributed.get_rank()}.pt")
+    torch.save(
+        {"world": torch.distributed.get_world_size(), **result}, out / f"{name}.rank{torch.distributed.get_rank()}.pt"
+    )
 
 
 def main(out: Path) -> None:
@@ -167,8 +196,9 @@ def global_batches(per_rank_epochs: list[list[list[int]]]) -> list[list[int]]:
     """Step k's global batch: every rank's k-th batch, concatenated (equal batch sizes, so the mean loss matches)."""
     steps = []
     for epoch in range(len(per_rank_epochs[0])):
-        rank_batches = [[seen[epoch][i : i + BATCH] for i in range(0, len(seen[epoch]), BATCH)]
-                        for seen in per_rank_epochs]
+        rank_batches = [
+            [seen[epoch][i : i + BATCH] for i in range(0, len(seen[epoch]), BATCH)] for seen in per_rank_epochs
+        ]
         for k in range(len(rank_batches[0])):
             steps.append([i for batches in rank_batches for i in batches[k]])
     return steps
@@ -188,9 +218,16 @@ def launched(request, tmp_path_factory):
 
 def test_mpi_strategy_starts_torch_distributed_over_mpi(launched):
     for r in launched.results("mpi_strategy"):
-        assert r["initialized"] and r["backend"] == "mpi4py"
+        assert r["initialized"]
+        assert r["backend"] == "mpi4py"
         steps = EPOCHS * SAMPLES // (BATCH * launched.world)
         assert r["rank_sums"] == [float(sum(range(launched.world)))] * steps
+
+
+def test_prepare_data_runs_on_rank_zero_while_the_others_wait(launched):
+    # Lightning's barrier around prepare_data is a gloo group made through the default group's store (it hung
+    # forever with a store of each process's own)
+    assert [r["prepared"] for r in launched.results("mpi_strategy")] == [True] * launched.world
 
 
 def test_default_distributed_sampler_gives_ddps_partition(launched):
@@ -203,7 +240,8 @@ def test_default_distributed_sampler_gives_ddps_partition(launched):
 
 def test_sync_batchnorm_equals_one_process_on_the_global_batch(launched):
     ranks = launched.results("mpi_strategy")
-    assert ranks[0]["layers"] >= {"SyncBatchNorm"} and "BatchNorm1d" not in ranks[0]["layers"]
+    assert ranks[0]["layers"] >= {"SyncBatchNorm"}
+    assert "BatchNorm1d" not in ranks[0]["layers"]
     assert "BatchNorm1d" in ranks[0]["after_fit"]  # reverted at the end of fit, as DDP does
     expected = reference(batchnorm_net(), data(torch.float32), global_batches([r["seen"] for r in ranks]), 0.0)
     for r in ranks:
@@ -239,7 +277,9 @@ def test_sync_batchnorm_is_refused_for_ensembles(tmp_path):
     )
     result = run_mpi(2, [str(script)], timeout=180)
     assert result.returncode != 0
-    assert "Trainer(sync_batchnorm=True) does not apply to MPIStrategy(sync='ensemble')" in result.stdout + result.stderr
+    assert (
+        "Trainer(sync_batchnorm=True) does not apply to MPIStrategy(sync='ensemble')" in result.stdout + result.stderr
+    )
 
 
 if __name__ == "__main__":

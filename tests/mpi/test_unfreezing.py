@@ -59,11 +59,20 @@ def main(out: Path) -> None:
                 module.net[0].requires_grad_(True)
 
     module = Module()
-    trainer = Trainer(strategy=MPIStrategy(), max_epochs=EPOCHS, callbacks=[Unfreeze()], logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(
+        strategy=MPIStrategy(),
+        max_epochs=EPOCHS,
+        callbacks=[Unfreeze()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, DataLoader(_data(), batch_size=BATCH))
-    torch.save({"world": trainer.world_size, "seen": module.seen, "state": module.net.state_dict()},
-               out / f"unfreeze.rank{trainer.global_rank}.pt")
+    torch.save(
+        {"world": trainer.world_size, "seen": module.seen, "state": module.net.state_dict()},
+        out / f"unfreeze.rank{trainer.global_rank}.pt",
+    )
 
 
 def reference(steps: list[list[int]]) -> dict[str, torch.Tensor]:

@@ -50,8 +50,17 @@ def _fit(strategy, callback: str, world: int):
     seed_everything(0)
     model = Net()
     chosen = StochasticWeightAveraging(swa_lrs=0.02, swa_epoch_start=2) if callback == "swa" else EMAWeightAveraging()
-    trainer = Trainer(strategy=strategy, accelerator="cpu", devices=world, max_epochs=4, callbacks=[chosen],
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=world,
+        max_epochs=4,
+        callbacks=[chosen],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     data = _data()
     trainer.fit(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=16))
     return model, trainer
@@ -67,9 +76,14 @@ def main(out: Path, which: str) -> None:
     for callback in CALLBACKS:
         strategy = MPIStrategy() if which == "mpi" else DDPStrategy(process_group_backend="gloo")
         model, trainer = _fit(strategy, callback, world if which == "ddp" else "auto")
-        torch.save({"world": trainer.world_size, "state": {k: v.clone() for k, v in model.state_dict().items()},
-                    "val_loss": float(trainer.callback_metrics["val_loss"])},
-                   out / f"{which}-{callback}.rank{launcher_rank()}.pt")
+        torch.save(
+            {
+                "world": trainer.world_size,
+                "state": {k: v.clone() for k, v in model.state_dict().items()},
+                "val_loss": float(trainer.callback_metrics["val_loss"]),
+            },
+            out / f"{which}-{callback}.rank{launcher_rank()}.pt",
+        )
 
 
 @pytest.fixture(scope="module")

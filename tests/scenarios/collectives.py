@@ -47,8 +47,11 @@ def main(out: Path | None = None) -> None:
         for step in range(3):
             t.fill_(rank + step)
             assert reduce() is t
-            expected = {"sum": sum(r + step for r in range(size)), "max": size - 1 + step,
-                        "mean": sum(r + step for r in range(size)) / size}[op]
+            expected = {
+                "sum": sum(r + step for r in range(size)),
+                "max": size - 1 + step,
+                "mean": sum(r + step for r in range(size)) / size,
+            }[op]
             assert torch.all(t == expected), (dtype, op, step, t)
         assert comm.bytes_sent() > before
 
@@ -65,7 +68,8 @@ def main(out: Path | None = None) -> None:
     assert [p.shape for p in parts] == [torch.Size([r + 1, 2]) for r in range(size)]
     assert all(torch.all(p == r) for r, p in enumerate(parts))
     parts = comm.allgather(torch.tensor([]) if rank == 0 else torch.ones(rank, 3, dtype=torch.int64))
-    assert parts[0].shape == (0, 3) and parts[0].dtype == torch.int64
+    assert parts[0].shape == (0, 3)
+    assert parts[0].dtype == torch.int64
     try:
         comm.allgather(torch.zeros(2, rank + 1))
     except ValueError as err:
@@ -74,7 +78,8 @@ def main(out: Path | None = None) -> None:
         raise AssertionError("mismatched trailing dimensions must be refused")
     # 0-d states (torchmetrics sums), and layouts beyond what travels as integers (9 dims on the last rank only)
     parts = comm.allgather(torch.tensor(float(rank), dtype=torch.float64))
-    assert [p.shape for p in parts] == [torch.Size([])] * size and [p.item() for p in parts] == list(range(size))
+    assert [p.shape for p in parts] == [torch.Size([])] * size
+    assert [p.item() for p in parts] == list(range(size))
     deep = torch.full((1,) * 9, rank) if rank == size - 1 else torch.tensor([])  # empty ones take its layout
     parts = comm.allgather(deep)
     assert [p.dim() for p in parts] == [9] * size and parts[-1].item() == size - 1, [p.shape for p in parts]
@@ -84,7 +89,9 @@ def main(out: Path | None = None) -> None:
     gathered = comm.gather_object(rank, root=0)
     assert gathered == (list(range(size)) if rank == 0 else None)
     comm.barrier()
-    assert comm.local_size == size and comm.num_nodes == 1 and comm.node_rank == 0
+    assert comm.local_size == size
+    assert comm.num_nodes == 1
+    assert comm.node_rank == 0
     assert comm.bytes_sent() > 0
     print(f"rank {rank}: collectives ok")
     if out is not None:

@@ -35,7 +35,9 @@ def save_rank_results(out: Path, name: str, result: dict) -> None:
 def regression_data(n: int, dtype: torch.dtype = torch.float32, seed: int = 1) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, FEATURES, generator=g, dtype=torch.float64)
-    y = x @ torch.linspace(-1, 1, FEATURES, dtype=torch.float64).unsqueeze(1) + 0.1 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    y = x @ torch.linspace(-1, 1, FEATURES, dtype=torch.float64).unsqueeze(1) + 0.1 * torch.randn(
+        n, 1, generator=g, dtype=torch.float64
+    )
     return TensorDataset(x.to(dtype), y.to(dtype))
 
 
@@ -43,7 +45,12 @@ class Regressor(LightningModule):
     """An MLP with a frozen parameter and one that never gets a gradient (both must survive syncing)."""
 
     def __init__(
-        self, optimizer: str = "sgd", lr: float = 0.05, manual: bool = False, log_rank: bool = False, step_every: int = 1
+        self,
+        optimizer: str = "sgd",
+        lr: float = 0.05,
+        manual: bool = False,
+        log_rank: bool = False,
+        step_every: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -60,8 +67,14 @@ class Regressor(LightningModule):
         loss = nn.functional.mse_loss(self(x), y)
         if self.hparams.log_rank:
             self.log("rank_mean", torch.tensor(float(self.global_rank)), sync_dist=True, on_step=False, on_epoch=True)
-            self.log("rank_sum", torch.tensor(float(self.global_rank)), sync_dist=True, reduce_fx="sum",
-                     on_step=False, on_epoch=True)
+            self.log(
+                "rank_sum",
+                torch.tensor(float(self.global_rank)),
+                sync_dist=True,
+                reduce_fx="sum",
+                on_step=False,
+                on_epoch=True,
+            )
         if self.automatic_optimization:
             return loss
         # Lightning's accumulation pattern under manual optimization: a backward per batch (two here: the loss
@@ -109,7 +122,11 @@ def distributed_order(n: int, world: int, batch: int, epochs: int = 1, seed: int
 CASES = {
     # name: (module kwargs, trainer kwargs, dtype)
     "sgd_momentum": ({"optimizer": "sgd"}, {}, torch.float32),
-    "adam_clip": ({"optimizer": "adam", "lr": 0.02}, {"gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"}, torch.float32),
+    "adam_clip": (
+        {"optimizer": "adam", "lr": 0.02},
+        {"gradient_clip_val": 0.05, "gradient_clip_algorithm": "norm"},
+        torch.float32,
+    ),
     "accumulate": ({"optimizer": "sgd"}, {"accumulate_grad_batches": 2}, torch.float32),
     "manual": ({"optimizer": "sgd", "manual": True}, {}, torch.float32),
     "manual_accumulate": ({"optimizer": "sgd", "manual": True, "step_every": 3}, {}, torch.float32),
@@ -144,8 +161,13 @@ def samples_needed(case: str, world: int) -> int:
 
 def quiet_trainer(**kwargs) -> Trainer:
     defaults = {
-        "accelerator": "cpu", "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-        "enable_model_summary": False, "limit_val_batches": 0, "num_sanity_val_steps": 0,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
     }
     defaults.update(kwargs)
     return Trainer(**defaults)

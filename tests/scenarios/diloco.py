@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from lightning_mpi import MPIStrategy
 from lightning_mpi.comm import world
-from lightning_mpi.sync import ParameterAveraging
+from lightning_mpi.policies import ParameterAveraging
 from tests.scenarios.common import BATCH, build, quiet_trainer, regression_data, save_rank_results
 
 SYNCS = 3
@@ -51,8 +51,9 @@ def _fit(epochs: int, directory: Path | None = None, resume: Path | None = None)
     model, _, _ = build("adam_clip")
     strategy = MPIStrategy(sync="average", every_n_steps=4, outer_optimizer=NESTEROV)
     callbacks = [ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=-1)] if directory else []
-    trainer = quiet_trainer(strategy=strategy, max_epochs=epochs, enable_checkpointing=bool(directory),
-                            callbacks=callbacks)
+    trainer = quiet_trainer(
+        strategy=strategy, max_epochs=epochs, enable_checkpointing=bool(directory), callbacks=callbacks
+    )
     data = regression_data(6 * BATCH * comm.size)
     trainer.fit(model, DataLoader(data, batch_size=BATCH, shuffle=True), ckpt_path=resume)
     return model, trainer

@@ -41,6 +41,11 @@ def node_view(out: Path, name: str, **trainer_kwargs) -> None:
     comm = world()
     data = np.full(ALLREDUCE_BYTES // 4, comm.rank, dtype=np.float32)
     MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, data)
+    # a gloo group across the nodes: it meets its peers through the store rank 0 serves (lightning_mpi.distributed)
+    gloo = torch.distributed.new_group(backend="gloo")
+    ranks_sum = torch.tensor([float(comm.rank)])
+    torch.distributed.all_reduce(ranks_sum, group=gloo)
+    torch.distributed.destroy_process_group(gloo)
     record = {
         "world": comm.size,
         "rank": comm.rank,
@@ -48,8 +53,12 @@ def node_view(out: Path, name: str, **trainer_kwargs) -> None:
         "local_size": comm.local_size,
         "node_rank": comm.node_rank,
         "num_nodes": comm.num_nodes,
-        "trainer": {"global_rank": trainer.global_rank, "local_rank": trainer.local_rank,
-                    "node_rank": trainer.node_rank, "world_size": trainer.world_size},
+        "trainer": {
+            "global_rank": trainer.global_rank,
+            "local_rank": trainer.local_rank,
+            "node_rank": trainer.node_rank,
+            "world_size": trainer.world_size,
+        },
         "processor": MPI.Get_processor_name(),
         "hostname": socket.gethostname(),
         "affinity": sorted(os.sched_getaffinity(0)),
@@ -58,6 +67,7 @@ def node_view(out: Path, name: str, **trainer_kwargs) -> None:
         "thread_reason": choose_threads(None, comm.local_size).reason,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "allreduce_ok": bool((data == sum(range(comm.size))).all()),
+        "gloo_sum": ranks_sum.item(),
     }
     (out / f"{name}.rank{comm.rank}.json").write_text(json.dumps(record))
 

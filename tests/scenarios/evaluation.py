@@ -125,9 +125,7 @@ def sigterm(out: Path) -> None:
     comm = world()
     seed_everything(0)
     checkpoints = ModelCheckpoint(dirpath=out / "sigterm", save_on_exception=True, save_last=True)
-    trainer = quiet_trainer(
-        strategy=MPIStrategy(), max_epochs=3, callbacks=[checkpoints], enable_checkpointing=True
-    )
+    trainer = quiet_trainer(strategy=MPIStrategy(), max_epochs=3, callbacks=[checkpoints], enable_checkpointing=True)
     loader = DataLoader(dataset(), batch_size=batch_size(comm.size), shuffle=True)
     model = Terminated()
     try:
@@ -139,7 +137,9 @@ def sigterm(out: Path) -> None:
     comm.barrier()
     resumed = quiet_trainer(strategy=MPIStrategy(), max_epochs=3)
     resumed.fit(RankPlateau(), loader, ckpt_path=out / "sigterm" / "last.ckpt")
-    save_rank_results(out, "sigterm", {"stopped_at": stopped_at, "saved": saved, "resumed_epoch": resumed.current_epoch})
+    save_rank_results(
+        out, "sigterm", {"stopped_at": stopped_at, "saved": saved, "resumed_epoch": resumed.current_epoch}
+    )
 
 
 def main(out: Path) -> None:

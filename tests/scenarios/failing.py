@@ -63,7 +63,9 @@ def model() -> Failing:
 def main() -> None:
     data = regression_data(64 * BATCH)
     if MODE == "late_timeout":  # an earlier strategy without stall detection creates the job's communicator
-        quiet_trainer(strategy=MPIStrategy(timeout=None), max_steps=1).fit(Regressor(), DataLoader(data, batch_size=BATCH))
+        quiet_trainer(strategy=MPIStrategy(timeout=None), max_steps=1).fit(
+            Regressor(), DataLoader(data, batch_size=BATCH)
+        )
     trainer = quiet_trainer(
         strategy=MPIStrategy(
             timeout=3 if MODE in ("stall", "late_timeout", "mismatch") else 60,

@@ -60,8 +60,9 @@ def _fit_batchnorm(strategy: Any, **trainer_kwargs: Any) -> tuple[BatchNormDigit
     seed_everything(0)
     model = BatchNormDigits(lr=0.1)
     train, val = digits_data()
-    trainer = quiet_trainer(strategy=strategy, max_epochs=2, limit_train_batches=8, limit_val_batches=None,
-                            **trainer_kwargs)
+    trainer = quiet_trainer(
+        strategy=strategy, max_epochs=2, limit_train_batches=8, limit_val_batches=None, **trainer_kwargs
+    )
     trainer.fit(model, DataLoader(train, batch_size=16, shuffle=True), DataLoader(val, batch_size=50))
     return model, trainer
 
@@ -79,10 +80,17 @@ def batchnorm_vs_ddp(out: Path) -> None:
     model, trainer = _fit_batchnorm(DDPStrategy(process_group_backend="gloo"), devices=comm.size)
     assert torch.distributed.get_backend() == "gloo"
     torch.distributed.destroy_process_group()
-    save_rank_results(out, "batchnorm_vs_ddp", {
-        "ours": ours, "ddp": model.state_dict(), "logged": logged,
-        "ddp_logged": {k: float(v) for k, v in trainer.callback_metrics.items()}, "spread": spread,
-    })
+    save_rank_results(
+        out,
+        "batchnorm_vs_ddp",
+        {
+            "ours": ours,
+            "ddp": model.state_dict(),
+            "logged": logged,
+            "ddp_logged": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "spread": spread,
+        },
+    )
 
 
 # -- averaging: checkpoints outside fit and during validation ----------------------------------------------------
@@ -103,12 +111,17 @@ def _fit_averaging(out: Path | None, epochs: int, resume: Path | None = None, **
     seed_everything(0)
     model = ValidatedRegressor(optimizer="adam", lr=0.02)
     callbacks = [ModelCheckpoint(dirpath=out, save_last=True, save_top_k=-1)] if out else []
-    trainer = quiet_trainer(strategy=MPIStrategy(sync="average", every_n_steps=5), max_epochs=epochs,
-                            enable_checkpointing=bool(out), callbacks=callbacks,
-                            **{"limit_val_batches": None, **trainer_kwargs})
+    trainer = quiet_trainer(
+        strategy=MPIStrategy(sync="average", every_n_steps=5),
+        max_epochs=epochs,
+        enable_checkpointing=bool(out),
+        callbacks=callbacks,
+        **{"limit_val_batches": None, **trainer_kwargs},
+    )
     data = regression_data(6 * BATCH * comm.size)
-    trainer.fit(model, DataLoader(data, batch_size=BATCH, shuffle=True), DataLoader(data, batch_size=BATCH),
-                ckpt_path=resume)
+    trainer.fit(
+        model, DataLoader(data, batch_size=BATCH, shuffle=True), DataLoader(data, batch_size=BATCH), ckpt_path=resume
+    )
     return model, trainer
 
 
@@ -122,7 +135,8 @@ def averaging_checkpoints(out: Path) -> None:
     checkpoint = directory / "train-end" / "epoch=0-step=6.ckpt"
     test_data = regression_data(40, seed=9)
     tested = quiet_trainer(strategy=MPIStrategy(sync="average", every_n_steps=5)).test(
-        ValidatedRegressor(), DataLoader(test_data, batch_size=BATCH), ckpt_path=checkpoint, verbose=False)[0]
+        ValidatedRegressor(), DataLoader(test_data, batch_size=BATCH), ckpt_path=checkpoint, verbose=False
+    )[0]
     averaged = ValidatedRegressor()
     averaged.load_state_dict(torch.load(checkpoint, weights_only=True)["state_dict"])
     with torch.no_grad():
@@ -132,10 +146,17 @@ def averaging_checkpoints(out: Path) -> None:
     checkpoint = directory / "epoch=1-step=12.ckpt"
     full, _ = _fit_averaging(None, epochs=4, check_val_every_n_epoch=2)
     resumed, trainer = _fit_averaging(None, epochs=4, resume=checkpoint, check_val_every_n_epoch=2)
-    save_rank_results(out, "averaging_checkpoints", {
-        "tested": tested["test_loss"], "expected": expected, "full": full.state_dict(),
-        "resumed": resumed.state_dict(), "epoch": trainer.current_epoch,
-    })
+    save_rank_results(
+        out,
+        "averaging_checkpoints",
+        {
+            "tested": tested["test_loss"],
+            "expected": expected,
+            "full": full.state_dict(),
+            "resumed": resumed.state_dict(),
+            "epoch": trainer.current_epoch,
+        },
+    )
 
 
 # -- ensembles: voting that fits the outputs, second fits, structured outputs ---------------------------------
@@ -199,11 +220,20 @@ def ensemble_paths(out: Path) -> None:
     combined = trainer.predict(structured, test)
     with torch.no_grad():
         own = structured(regression_data(20, seed=3).tensors[0])
-    save_rank_results(out, "ensemble_paths", {
-        "refusal": refusal, "medians": medians, "members": members, "after_first": after_first,
-        "second_start": record.weights, "combined": combined, "own": own,
-        "member_outputs": trainer.strategy.member_outputs,
-    })
+    save_rank_results(
+        out,
+        "ensemble_paths",
+        {
+            "refusal": refusal,
+            "medians": medians,
+            "members": members,
+            "after_first": after_first,
+            "second_start": record.weights,
+            "combined": combined,
+            "own": own,
+            "member_outputs": trainer.strategy.member_outputs,
+        },
+    )
 
 
 # -- evaluation: per-step collectives, iterable datasets ---------------------------------------------------------
@@ -246,16 +276,26 @@ def evaluation_paths(out: Path) -> None:
     seed_everything(0)
     module = StepCollectives()
     logged = quiet_trainer(strategy=MPIStrategy(timeout=30), limit_val_batches=None).validate(
-        module, DataLoader(data, batch_size=4), verbose=False)[0]
+        module, DataLoader(data, batch_size=4), verbose=False
+    )[0]
     batches = comm.allgather_object(module.batches)
     assert len(set(batches)) == 1, f"ranks ran different numbers of evaluation batches: {batches}"
     seen = sum(comm.allgather_object(module.seen))
     assert seen == 9, f"{seen} samples evaluated instead of 9"
     stream = StepCollectives()
     streamed = quiet_trainer(strategy=MPIStrategy(timeout=30), limit_val_batches=None).validate(
-        stream, DataLoader(RankShardedStream(regression_data(10)), batch_size=2), verbose=False)[0]
-    save_rank_results(out, "evaluation_paths", {"logged": logged, "batches": batches, "streamed": streamed,
-                                   "stream_seen": sum(comm.allgather_object(stream.seen))})
+        stream, DataLoader(RankShardedStream(regression_data(10)), batch_size=2), verbose=False
+    )[0]
+    save_rank_results(
+        out,
+        "evaluation_paths",
+        {
+            "logged": logged,
+            "batches": batches,
+            "streamed": streamed,
+            "stream_seen": sum(comm.allgather_object(stream.seen)),
+        },
+    )
 
 
 # -- exceptions raised on every rank ---------------------------------------------------------------------------
@@ -282,8 +322,9 @@ def exceptions_everywhere(out: Path) -> None:
     directory = out / f"on-exception-{comm.size}"
     seen = SeesException()
     checkpoints = ModelCheckpoint(dirpath=directory, save_on_exception=True, save_top_k=0)
-    trainer = quiet_trainer(strategy=MPIStrategy(), max_epochs=3, enable_checkpointing=True,
-                            callbacks=[seen, checkpoints])
+    trainer = quiet_trainer(
+        strategy=MPIStrategy(), max_epochs=3, enable_checkpointing=True, callbacks=[seen, checkpoints]
+    )
     caught = None
     try:
         trainer.fit(FailsEverywhere(), DataLoader(regression_data(8 * BATCH * comm.size), batch_size=BATCH))
@@ -294,8 +335,11 @@ def exceptions_everywhere(out: Path) -> None:
     # The job goes on: another fit on every rank works.
     again = quiet_trainer(strategy=MPIStrategy(), max_steps=2)
     again.fit(Regressor(), DataLoader(regression_data(8 * BATCH * comm.size), batch_size=BATCH))
-    save_rank_results(out, "exceptions_everywhere", {"caught": caught, "seen": seen.seen, "files": files,
-                                        "steps_after": again.global_step})
+    save_rank_results(
+        out,
+        "exceptions_everywhere",
+        {"caught": caught, "seen": seen.seen, "files": files, "steps_after": again.global_step},
+    )
 
 
 # -- checkpoint IO plugins --------------------------------------------------------------------------------------
@@ -311,16 +355,23 @@ def checkpoint_io(out: Path) -> None:
     comm = world()
     directory = out / f"async-{comm.size}"
     keeper = KeepsCheckpointDict()
-    trainer = quiet_trainer(strategy=MPIStrategy(), max_epochs=2, enable_checkpointing=True,
-                            plugins=[AsyncCheckpointIO()],
-                            callbacks=[keeper, ModelCheckpoint(dirpath=directory, save_top_k=-1)])
+    trainer = quiet_trainer(
+        strategy=MPIStrategy(),
+        max_epochs=2,
+        enable_checkpointing=True,
+        plugins=[AsyncCheckpointIO()],
+        callbacks=[keeper, ModelCheckpoint(dirpath=directory, save_top_k=-1)],
+    )
     model = Regressor()
     trainer.fit(model, DataLoader(regression_data(4 * BATCH * comm.size), batch_size=BATCH))
     comm.barrier()
     files = sorted(p.name for p in directory.iterdir())
     loaded = torch.load(directory / files[-1], weights_only=True)["state_dict"] if files else {}
-    save_rank_results(out, "checkpoint_io", {"files": files, "loaded": loaded, "model": model.state_dict(),
-                                "keys_seen": sorted(keeper.checkpoint)})
+    save_rank_results(
+        out,
+        "checkpoint_io",
+        {"files": files, "loaded": loaded, "model": model.state_dict(), "keys_seen": sorted(keeper.checkpoint)},
+    )
 
 
 # -- lazy modules and sparse gradients ---------------------------------------------------------------------------
@@ -354,7 +405,9 @@ class SparseEmbedding(LightningModule):
         dense_opt.step()
 
     def configure_optimizers(self):
-        return torch.optim.SparseAdam(self.embedding.parameters(), lr=0.05), torch.optim.Adam(self.head.parameters(), lr=0.05)
+        return torch.optim.SparseAdam(self.embedding.parameters(), lr=0.05), torch.optim.Adam(
+            self.head.parameters(), lr=0.05
+        )
 
 
 def token_data(n: int) -> TensorDataset:
@@ -371,13 +424,22 @@ def lazy_and_sparse(out: Path) -> None:
     seed_everything(int(comm.rank))  # lazy parameters materialise differently per rank: the strategy aligns them
     lazy = LazyRegressor()
     quiet_trainer(strategy=MPIStrategy(), max_steps=4).fit(
-        lazy, DataLoader(regression_data(4 * BATCH * comm.size), batch_size=BATCH))
+        lazy, DataLoader(regression_data(4 * BATCH * comm.size), batch_size=BATCH)
+    )
     seed_everything(0)
     sparse = SparseEmbedding()
     data = token_data(SPARSE_STEPS * BATCH * comm.size)
     quiet_trainer(strategy=MPIStrategy(), max_steps=SPARSE_STEPS).fit(sparse, DataLoader(data, batch_size=BATCH))
-    save_rank_results(out, "lazy_and_sparse", {"lazy": lazy.state_dict(), "lazy_spread": gathered_max_diff(lazy.state_dict()),
-                                  "sparse": sparse.state_dict(), "sparse_seen": sparse.sparse_seen})
+    save_rank_results(
+        out,
+        "lazy_and_sparse",
+        {
+            "lazy": lazy.state_dict(),
+            "lazy_spread": gathered_max_diff(lazy.state_dict()),
+            "sparse": sparse.state_dict(),
+            "sparse_seen": sparse.sparse_seen,
+        },
+    )
 
 
 # -- uneven training inputs ----------------------------------------------------------------------------------
@@ -417,8 +479,12 @@ UNEVEN_EPOCHS = 2
 
 
 def _fit_uneven(model: LightningModule, loader: DataLoader, **strategy_kwargs: Any) -> Any:
-    trainer = quiet_trainer(strategy=MPIStrategy(timeout=30, **strategy_kwargs), max_epochs=UNEVEN_EPOCHS,
-                            use_distributed_sampler=False, limit_val_batches=None)
+    trainer = quiet_trainer(
+        strategy=MPIStrategy(timeout=30, **strategy_kwargs),
+        max_epochs=UNEVEN_EPOCHS,
+        use_distributed_sampler=False,
+        limit_val_batches=None,
+    )
     validated = isinstance(model, ValidatedRegressor)
     trainer.fit(model, loader, DataLoader(regression_data(12, seed=8), batch_size=BATCH) if validated else None)
     return trainer
@@ -439,14 +505,19 @@ def uneven_inputs(out: Path) -> None:
     data = uneven_data(comm.size)
     shard = torch.utils.data.Subset(data, uneven_shards(comm.size)[comm.rank])
     results: dict[str, Any] = {}
-    for name, loader in (("sized", DataLoader(shard, batch_size=BATCH)),
-                         ("stream", DataLoader(ShardStream(data, uneven_shards(comm.size)[comm.rank]), batch_size=BATCH))):
+    for name, loader in (
+        ("sized", DataLoader(shard, batch_size=BATCH)),
+        ("stream", DataLoader(ShardStream(data, uneven_shards(comm.size)[comm.rank]), batch_size=BATCH)),
+    ):
         seed_everything(0)
         model = ValidatedRegressor()
         trainer = _fit_uneven(model, loader)
-        results[name] = {"state": model.state_dict(), "spread": gathered_max_diff(model.state_dict()),
-                         "steps": comm.allgather_object(trainer.global_step),
-                         "val_loss": float(trainer.callback_metrics["val_loss"])}
+        results[name] = {
+            "state": model.state_dict(),
+            "spread": gathered_max_diff(model.state_dict()),
+            "steps": comm.allgather_object(trainer.global_step),
+            "val_loss": float(trainer.callback_metrics["val_loss"]),
+        }
     seed_everything(0)
     averaged = ValidatedRegressor()
     _fit_uneven(averaged, DataLoader(shard, batch_size=BATCH), sync="average", every_n_steps=2)
@@ -458,8 +529,16 @@ def uneven_inputs(out: Path) -> None:
 
 SCENARIOS = {
     f.__name__: f
-    for f in (batchnorm_vs_ddp, averaging_checkpoints, ensemble_paths, evaluation_paths, exceptions_everywhere,
-              checkpoint_io, lazy_and_sparse, uneven_inputs)
+    for f in (
+        batchnorm_vs_ddp,
+        averaging_checkpoints,
+        ensemble_paths,
+        evaluation_paths,
+        exceptions_everywhere,
+        checkpoint_io,
+        lazy_and_sparse,
+        uneven_inputs,
+    )
 }
 
 

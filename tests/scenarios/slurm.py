@@ -1,8 +1,8 @@
 """Under srun or sbatch (see tests/test_slurm.py): what each rank sees of its launch, and a run Slurm stops.
 
-    python -m tests.scenarios.slurm launch OUT     # ranks before and after fit, then the equivalence cases
-    python -m tests.scenarios.slurm stopped OUT    # trains slowly until Slurm's SIGTERM stops every rank
-    python -m tests.scenarios.slurm resumed OUT    # continues from the checkpoint the stopped run left
+python -m tests.scenarios.slurm launch OUT     # ranks before and after fit, then the equivalence cases
+python -m tests.scenarios.slurm stopped OUT    # trains slowly until Slurm's SIGTERM stops every rank
+python -m tests.scenarios.slurm resumed OUT    # continues from the checkpoint the stopped run left
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ def _fit(out: Path, max_steps: int, ckpt_path: Path | None) -> dict:
     model = Slow()
     model.out = out
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", save_on_exception=True, save_last=True)
-    trainer = quiet_trainer(strategy=MPIStrategy(), max_steps=max_steps, callbacks=[checkpoints],
-                            enable_checkpointing=True)
+    trainer = quiet_trainer(
+        strategy=MPIStrategy(), max_steps=max_steps, callbacks=[checkpoints], enable_checkpointing=True
+    )
     data = regression_data(STOPPED_STEPS * BATCH * comm.size)
     stopped_at = None
     try:

@@ -1,8 +1,8 @@
-"""Link speed between emulated nodes (see tests/cluster/emulate.py), every wait bounded.
+"""Link speed between emulated nodes (see tools/cluster/emulate.py), every wait bounded.
 
-    python -m tests.cluster.linkspeed sink ADDRESS PORT SIZE TIMEOUT              # on the receiving node
-    python -m tests.cluster.linkspeed source ADDRESS PORT SIZE REPEATS TIMEOUT    # on the sending node
-    mpirun ... python -m tests.cluster.linkspeed mpi SIZE REPEATS                 # 1 rank on each of 2 nodes
+    python -m tools.cluster.linkspeed sink ADDRESS PORT SIZE TIMEOUT              # on the receiving node
+    python -m tools.cluster.linkspeed source ADDRESS PORT SIZE REPEATS TIMEOUT    # on the sending node
+    mpirun ... python -m tools.cluster.linkspeed mpi SIZE REPEATS                 # 1 rank on each of 2 nodes
 
 ``source`` sends ``SIZE`` bytes ``REPEATS`` times over one TCP connection, each time until the sink acknowledges
 the last byte, and prints the seconds of each transfer (JSON). ``mpi`` times a ping-pong of ``SIZE`` bytes

@@ -25,7 +25,9 @@ class OuterStep:
     half the bytes of float32.
     """
 
-    def __init__(self, factory: Callable[[list[Tensor]], Optimizer], wire_dtype: torch.dtype | str | None = None) -> None:
+    def __init__(
+        self, factory: Callable[[list[Tensor]], Optimizer], wire_dtype: torch.dtype | str | None = None
+    ) -> None:
         self._factory = factory
         self._wire_dtype = getattr(torch, wire_dtype) if isinstance(wire_dtype, str) else wire_dtype
         if self._wire_dtype not in (None, torch.bfloat16, torch.float16):

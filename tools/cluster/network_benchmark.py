@@ -1,6 +1,6 @@
-"""Gradients at network speed: step time on the emulated 2-node cluster (tests/cluster/emulate.py), side by side.
+"""Gradients at network speed: step time on the emulated 2-node cluster (tools/cluster/emulate.py), side by side.
 
-    python -m tests.cluster.network_benchmark --out docs/network     # as root, ~15 minutes
+    python -m tools.cluster.network_benchmark --out docs/network     # as root, ~15 minutes
 
 Workload: the Transformer of ``lightning.pytorch.demos`` on synthetic tokens, sized so that its float32 gradients
 are 31 MB (the link matters), one rank per node, one core and one torch thread per node. Variants, each run for
@@ -267,7 +267,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def drive(args: argparse.Namespace) -> None:
     from lightning_mpi.files import write_json
-    from tests.cluster.emulate import EmulatedCluster, unavailable
+    from tools.cluster.emulate import EmulatedCluster, unavailable
 
     if (reason := unavailable()) is not None:
         raise SystemExit(f"cannot emulate a cluster here: {reason}")
@@ -281,7 +281,7 @@ def drive(args: argparse.Namespace) -> None:
                 result_file = cluster.state / f"network-{tuning}-{rate}.json"
                 argv = [
                     "-m",
-                    "tests.cluster.network_benchmark",
+                    "tools.cluster.network_benchmark",
                     "--worker",
                     "--rate",
                     rate,
@@ -358,7 +358,11 @@ def report(out: Path) -> str:
         "|---|" + "---:|" * (len(runs) + 1),
     ]
     for v in variants:
-        sent = runs[0]["bytes_per_step"].get(v, 0) / 2**20 if not v.startswith("ddp_") else runs[0]["gradient_bytes"] / 2**20
+        sent = (
+            runs[0]["bytes_per_step"].get(v, 0) / 2**20
+            if not v.startswith("ddp_")
+            else runs[0]["gradient_bytes"] / 2**20
+        )
         cells = [f"{r['step_s'][v] * 1e3:.0f}" for r in runs]
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {sent:.1f} |")
     lines.append(

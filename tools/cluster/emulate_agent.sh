@@ -1,5 +1,5 @@
 #!/bin/sh
-# The "ssh" of the emulated cluster (tests/cluster/emulate.py): Open MPI's launcher (PRRTE's plm_ssh_agent) calls
+# The "ssh" of the emulated cluster (tools/cluster/emulate.py): Open MPI's launcher (PRRTE's plm_ssh_agent) calls
 #     emulate_agent.sh [ssh options] HOST COMMAND...
 # to start its daemon on HOST; instead of opening an ssh session, this runs COMMAND with /bin/sh inside HOST's
 # network and UTS namespaces and its CPUs (cgroup cpuset, or taskset where no cgroup could be made), with an

@@ -1,11 +1,11 @@
 """An emulated cluster on this machine: nodes as Linux namespaces joined by bandwidth-limited links, and Open MPI
 launching across them through a launch agent of ours instead of ssh (needs root).
 
-    python -m tests.cluster.emulate up --rate 1gbit     # create one (2 nodes: node0, node1) and print how to use it
-    python -m tests.cluster.emulate run -- mpirun --host node0:1,node1:1 -x PYTHONPATH python train.py
-    python -m tests.cluster.emulate rate 10gbit         # change the links' rate ("none": unlimited)
-    python -m tests.cluster.emulate measure             # link speed: raw TCP between the nodes, and MPI
-    python -m tests.cluster.emulate down                # remove it (--all: every emulated cluster and leftover)
+    python -m tools.cluster.emulate up --rate 1gbit     # create one (2 nodes: node0, node1) and print how to use it
+    python -m tools.cluster.emulate run -- mpirun --host node0:1,node1:1 -x PYTHONPATH python train.py
+    python -m tools.cluster.emulate rate 10gbit         # change the links' rate ("none": unlimited)
+    python -m tools.cluster.emulate measure             # link speed: raw TCP between the nodes, and MPI
+    python -m tools.cluster.emulate down                # remove it (--all: every emulated cluster and leftover)
 
 From Python (the tests use the ``emulated_cluster`` fixture)::
 
@@ -31,7 +31,8 @@ Layout (every name starts with ``lmpiemu-<tag>-``; nothing is added to the machi
 
 Open MPI reaches the nodes through PRRTE's ssh launcher, whose agent (MCA parameter ``plm_ssh_agent`` of PRRTE's
 ``plm/ssh`` component: ``PRTE_MCA_plm_ssh_agent`` in the environment or ``--prtemca plm_ssh_agent PATH``; Open
-MPI 4 called it ``plm_rsh_agent``, and ``--mca plm_rsh_agent`` still works) is ``emulate_agent.sh``: it enters the node's namespaces and cgroup and starts
+MPI 4 called it ``plm_rsh_agent``, and ``--mca plm_rsh_agent`` still works) is ``emulate_agent.sh``: it enters the
+node's namespaces and cgroup and starts
 the daemon with a bare environment (forward variables with ``mpirun -x``, as with ssh; ``mpirun`` itself forwards
 ``OMPI_MCA_*``). Every daemon is started from the head (``plm_ssh_no_tree_spawn``). TCP between ranks and daemons
 is kept on the cluster's subnet (``btl_tcp_if_include``, ``oob_tcp_if_include``); ranks on one node share memory
@@ -79,7 +80,7 @@ NETNS = Path("/run/netns")
 CGROUP_V1 = Path("/sys/fs/cgroup/cpuset")
 CGROUP_V2 = Path("/sys/fs/cgroup")
 TOOLS = ("ip", "tc", "unshare", "nsenter", "umount")
-#: the tag of the cluster `python -m tests.cluster.emulate up` makes (it outlives that process, until `down`)
+#: the tag of the cluster `python -m tools.cluster.emulate up` makes (it outlives that process, until `down`)
 CLI_TAG = "cli"
 _SUBNET = "10.213.0"
 _BITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
@@ -110,16 +111,35 @@ def unavailable() -> str | None:
         return f"{AGENT} is not executable (chmod +x)"
     missing = [t for t in TOOLS if _which(t) is None]
     if missing:
-        return (f"{', '.join(missing)} not found: apt-get install iproute2 util-linux (ip and tc; unshare, nsenter "
-                "and umount)")
+        return (
+            f"{', '.join(missing)} not found: apt-get install iproute2 util-linux (ip and tc; unshare, nsenter "
+            "and umount)"
+        )
     probe = f"{PREFIX}-probe{os.getpid()}"
     uts = STATE / f"{probe}.uts"
     try:
         STATE.mkdir(parents=True, exist_ok=True)
         _run(["ip", "netns", "add", probe])
         _run(["ip", "-n", probe, "link", "add", "name", "pa", "type", "veth", "peer", "name", "pb"])
-        _run(["tc", "-n", probe, "qdisc", "add", "dev", "pa", "root", "tbf", "rate", "1gbit", "burst", "128kb",
-              "latency", "20ms"])
+        _run(
+            [
+                "tc",
+                "-n",
+                probe,
+                "qdisc",
+                "add",
+                "dev",
+                "pa",
+                "root",
+                "tbf",
+                "rate",
+                "1gbit",
+                "burst",
+                "128kb",
+                "latency",
+                "20ms",
+            ]
+        )
         uts.touch()
         _run(["unshare", f"--uts={uts}", "true"])
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
@@ -206,8 +226,9 @@ def _pids_in(namespaces: Sequence[Path | tuple[int, int]], cgroups: Sequence[Pat
     return sorted(found)
 
 
-def _kill_all(namespaces: Sequence[Path | tuple[int, int]], cgroups: Sequence[Path] = (),
-              timeout: float = 10) -> list[int]:
+def _kill_all(
+    namespaces: Sequence[Path | tuple[int, int]], cgroups: Sequence[Path] = (), timeout: float = 10
+) -> list[int]:
     """SIGKILL every process in these namespaces and cgroups until none is left (bounded); return those killed."""
     killed: set[int] = set()
     deadline = time.monotonic() + timeout
@@ -391,8 +412,28 @@ class EmulatedCluster:
             for index, node in enumerate([self.head, *self.nodes]):
                 self._add_netns(node.netns)
                 port = "p-head" if node is self.head else f"p-{index - 1}"
-                _run(["ip", "link", "add", "name", "eth0", "netns", node.netns, "mtu", str(self.mtu), "type", "veth",
-                      "peer", "name", port, "netns", self.switch, "mtu", str(self.mtu)])
+                _run(
+                    [
+                        "ip",
+                        "link",
+                        "add",
+                        "name",
+                        "eth0",
+                        "netns",
+                        node.netns,
+                        "mtu",
+                        str(self.mtu),
+                        "type",
+                        "veth",
+                        "peer",
+                        "name",
+                        port,
+                        "netns",
+                        self.switch,
+                        "mtu",
+                        str(self.mtu),
+                    ]
+                )
                 _run(["ip", "-n", self.switch, "link", "set", port, "master", "br0", "up"])
                 _run(["ip", "-n", node.netns, "addr", "add", f"{node.address}/24", "dev", "eth0"])
                 _run(["ip", "-n", node.netns, "link", "set", "eth0", "up"])
@@ -410,8 +451,10 @@ class EmulatedCluster:
         _run(["ip", "netns", "add", name])
         _run(["ip", "-n", name, "link", "set", "lo", "up"])
         # no IPv6: no link-local addresses, no neighbour discovery; the cluster speaks IPv4 on its subnet only
-        script = ("for f in /proc/sys/net/ipv6/conf/all/disable_ipv6 /proc/sys/net/ipv6/conf/default/disable_ipv6; "
-                  "do [ -e $f ] && echo 1 > $f; done; true")
+        script = (
+            "for f in /proc/sys/net/ipv6/conf/all/disable_ipv6 /proc/sys/net/ipv6/conf/default/disable_ipv6; "
+            "do [ -e $f ] && echo 1 > $f; done; true"
+        )
         _run(["nsenter", f"--net={NETNS / name}", "sh", "-c", script])
 
     def _write_nodes(self) -> None:
@@ -427,8 +470,12 @@ class EmulatedCluster:
                 if self.cgroup == "v1":
                     (group / "cpuset.mems").write_text(parent_mems)
                 (group / "cpuset.cpus").write_text(cpus)
-            lines = [str(node.netns_path), str(self._uts(node)),
-                     str(group / "cgroup.procs") if group is not None else "-", node.cpus or "-"]
+            lines = [
+                str(node.netns_path),
+                str(self._uts(node)),
+                str(group / "cgroup.procs") if group is not None else "-",
+                node.cpus or "-",
+            ]
             (self.state / "hosts" / node.host).write_text("\n".join(lines) + "\n")
 
     def stop(self) -> None:
@@ -474,8 +521,25 @@ class EmulatedCluster:
                     _run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)
                     continue
                 burst = max(int(bits / 8 * self.burst_ms / 1000), 64 * 1024)
-                _run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{bits}bit",
-                      "burst", str(burst), "latency", f"{self.latency_ms}ms"])
+                _run(
+                    [
+                        "tc",
+                        "-n",
+                        ns,
+                        "qdisc",
+                        "replace",
+                        "dev",
+                        dev,
+                        "root",
+                        "tbf",
+                        "rate",
+                        f"{bits}bit",
+                        "burst",
+                        str(burst),
+                        "latency",
+                        f"{self.latency_ms}ms",
+                    ]
+                )
         self.rate = bits
 
     def qdiscs(self) -> str:
@@ -495,7 +559,7 @@ class EmulatedCluster:
         elif cpus == "split":
             if len(usable) >= count:
                 size = len(usable) // count
-                chosen = [_cpu_list(usable[i * size:(i + 1) * size]) for i in range(count)]
+                chosen = [_cpu_list(usable[i * size : (i + 1) * size]) for i in range(count)]
             else:
                 chosen = [str(usable[i % len(usable)]) for i in range(count)]
         elif not isinstance(cpus, str) and len(cpus) == count:
@@ -534,18 +598,20 @@ class EmulatedCluster:
         this repository on ``PYTHONPATH``."""
         drop = ("OMPI_", "PMIX_", "PMI_", "PRTE_", "SLURM_", "MPIR_")
         env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-        env.update({
-            "LIGHTNING_MPI_EMULATED_CLUSTER": str(self.state),
-            "PRTE_MCA_plm_ssh_agent": str(AGENT),
-            "PRTE_MCA_plm_ssh_no_tree_spawn": "1",  # every daemon started from the head, through the agent
-            "PRTE_MCA_oob_tcp_if_include": self.subnet,
-            "OMPI_MCA_btl_tcp_if_include": self.subnet,
-            "OMPI_MCA_btl": "^ofi",  # as in tests/mpirun.py: no libfabric probing
-            "OMPI_ALLOW_RUN_AS_ROOT": "1",
-            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "LIGHTNING_MPI_EMULATED_CLUSTER": str(self.state),
+                "PRTE_MCA_plm_ssh_agent": str(AGENT),
+                "PRTE_MCA_plm_ssh_no_tree_spawn": "1",  # every daemon started from the head, through the agent
+                "PRTE_MCA_oob_tcp_if_include": self.subnet,
+                "OMPI_MCA_btl_tcp_if_include": self.subnet,
+                "OMPI_MCA_btl": "^ofi",  # as in tests/mpirun.py: no libfabric probing
+                "OMPI_ALLOW_RUN_AS_ROOT": "1",
+                "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         if self.cgroup is None:  # Open MPI would bind ranks to the machine's cores, not to the node's taskset
             env["PRTE_MCA_hwloc_default_binding_policy"] = "none"
         return env
@@ -570,7 +636,7 @@ class EmulatedCluster:
     ) -> list[str]:
         """``mpirun --host node0:N,node1:N -x VAR... MPIRUN_ARGS python ARGV`` on the head (``python=None``:
         ``argv`` is the whole program)."""
-        from tests.mpirun import launcher
+        from tools.mpirun import launcher
 
         mpirun, flavour = launcher()
         if flavour != "openmpi":
@@ -581,13 +647,19 @@ class EmulatedCluster:
         program = [python, *argv] if python else list(argv)
         return self.in_head([mpirun, "--host", hosts, *exported, *mpirun_args, *program])
 
-    def popen(self, command: Sequence[str], cwd: str | os.PathLike | None = None,
-              env: dict[str, str] | None = None) -> subprocess.Popen:
+    def popen(
+        self, command: Sequence[str], cwd: str | os.PathLike | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         """Start ``command`` (from :meth:`mpirun_command`, :meth:`in_head`, :meth:`on_node`) with :attr:`env`
         (plus ``env``), output captured, in a session of its own."""
         return subprocess.Popen(
-            list(command), cwd=cwd or ROOT, env={**self.env, **(env or {})}, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, start_new_session=True,
+            list(command),
+            cwd=cwd or ROOT,
+            env={**self.env, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
 
     def wait(self, proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
@@ -601,7 +673,8 @@ class EmulatedCluster:
             self.reap()
             out, err = proc.communicate()
             raise AssertionError(
-                f"{shlex.join(proc.args)} did not finish within {timeout} s\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
+                f"{shlex.join(proc.args)} did not finish within {timeout} s\n--- stdout ---\n{out}\n--- stderr "
+                f"---\n{err}"
             ) from None
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
@@ -609,8 +682,15 @@ class EmulatedCluster:
         """:meth:`popen` then :meth:`wait`."""
         return self.wait(self.popen(command, **kwargs), timeout)
 
-    def mpirun(self, argv: Sequence[str], per_node: int | Sequence[int] = 1, mpirun_args: Sequence[str] = (),
-               timeout: float = 180, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    def mpirun(
+        self,
+        argv: Sequence[str],
+        per_node: int | Sequence[int] = 1,
+        mpirun_args: Sequence[str] = (),
+        timeout: float = 180,
+        env: dict[str, str] | None = None,
+        **kwargs,
+    ) -> subprocess.CompletedProcess:
         """Run ``python ARGV`` with ``per_node`` ranks on each node (see :meth:`mpirun_command`), bounded."""
         return self.run(self.mpirun_command(argv, per_node, mpirun_args, **kwargs), timeout=timeout, env=env)
 
@@ -625,17 +705,35 @@ class EmulatedCluster:
         groups = [g for g in map(self._cgroup_path, self.nodes) if g is not None]
         return _kill_all([n.netns_path for n in nodes] + [NETNS / self.switch], groups)
 
-    def measure_tcp(self, source: str, sink: str, size: int = 25 * 2**20, repeats: int = 5,
-                    timeout: float = 120) -> list[float]:
+    def measure_tcp(
+        self, source: str, sink: str, size: int = 25 * 2**20, repeats: int = 5, timeout: float = 120
+    ) -> list[float]:
         """Seconds each of ``repeats`` transfers of ``size`` bytes takes over raw TCP (Python sockets) from node
         ``source`` to node ``sink`` (until the sink has acknowledged the last byte)."""
         port = "5201"
-        module = ["-m", "tests.cluster.linkspeed"]
-        receiver = self.popen(self.on_node(sink, [sys.executable, *module, "sink", self.node(sink).address, port,
-                                                  str(size), str(timeout)]))
+        module = ["-m", "tools.cluster.linkspeed"]
+        receiver = self.popen(
+            self.on_node(
+                sink, [sys.executable, *module, "sink", self.node(sink).address, port, str(size), str(timeout)]
+            )
+        )
         try:
-            sender = self.run(self.on_node(source, [sys.executable, *module, "source", self.node(sink).address, port,
-                                                    str(size), str(repeats), str(timeout)]), timeout=timeout)
+            sender = self.run(
+                self.on_node(
+                    source,
+                    [
+                        sys.executable,
+                        *module,
+                        "source",
+                        self.node(sink).address,
+                        port,
+                        str(size),
+                        str(repeats),
+                        str(timeout),
+                    ],
+                ),
+                timeout=timeout,
+            )
         finally:
             done = self.wait(receiver, timeout=timeout)
         if sender.returncode != 0 or done.returncode != 0:
@@ -644,9 +742,13 @@ class EmulatedCluster:
 
     def describe(self) -> str:
         cpus = f"cgroup cpuset {self.cgroup}" if self.cgroup else "taskset"
-        lines = [(f"emulated cluster {self.tag}: {len(self.nodes)} nodes, links {_format_rate(self.rate)} per "
-                  f"direction (tbf burst {self.burst_ms:g} ms, latency {self.latency_ms:g} ms, mtu {self.mtu}), "
-                  f"CPUs by {cpus}")]
+        lines = [
+            (
+                f"emulated cluster {self.tag}: {len(self.nodes)} nodes, links {_format_rate(self.rate)} per "
+                f"direction (tbf burst {self.burst_ms:g} ms, latency {self.latency_ms:g} ms, mtu {self.mtu}), "
+                f"CPUs by {cpus}"
+            )
+        ]
         for n in self.nodes:
             lines.append(f"  {n.host:8s} {n.address:12s} cores {_cpu_list(self.node_cpus[n.host])}  netns {n.netns}")
         lines.append(f"  head     {self.head.address:12s} (mpirun)  netns {self.head.netns}")
@@ -695,18 +797,30 @@ def _cli_cluster() -> EmulatedCluster:
     """The cluster `up` made, rebuilt from its state (its settings are in the state directory)."""
     saved = STATE / CLI_TAG / "cluster.json"
     if not saved.exists():
-        raise SystemExit("error: no emulated cluster is up (python -m tests.cluster.emulate up)")
+        raise SystemExit("error: no emulated cluster is up (python -m tools.cluster.emulate up)")
     settings = json.loads(saved.read_text())
-    cluster = EmulatedCluster(settings["hosts"], settings["rate"], cpus=settings["cpus"], mtu=settings["mtu"],
-                              burst_ms=settings["burst_ms"], latency_ms=settings["latency_ms"], tag=CLI_TAG)
+    cluster = EmulatedCluster(
+        settings["hosts"],
+        settings["rate"],
+        cpus=settings["cpus"],
+        mtu=settings["mtu"],
+        burst_ms=settings["burst_ms"],
+        latency_ms=settings["latency_ms"],
+        tag=CLI_TAG,
+    )
     cluster._started = True
     return cluster
 
 
 def _save_cli(cluster: EmulatedCluster) -> None:
-    settings = {"hosts": cluster.hosts, "rate": cluster.rate, "mtu": cluster.mtu, "burst_ms": cluster.burst_ms,
-                "latency_ms": cluster.latency_ms, "cpus": [n.cpus or _cpu_list(cluster.node_cpus[n.host])
-                                                            for n in cluster.nodes]}
+    settings = {
+        "hosts": cluster.hosts,
+        "rate": cluster.rate,
+        "mtu": cluster.mtu,
+        "burst_ms": cluster.burst_ms,
+        "latency_ms": cluster.latency_ms,
+        "cpus": [n.cpus or _cpu_list(cluster.node_cpus[n.host]) for n in cluster.nodes],
+    }
     (cluster.state / "cluster.json").write_text(json.dumps(settings))
 
 
@@ -716,13 +830,14 @@ def measure(cluster: EmulatedCluster, size: int = 25 * 2**20, repeats: int = 5, 
     import statistics
 
     a, b = cluster.hosts[:2]
+
     def gbits(seconds: list[float]) -> float:
         return size * 8 / statistics.median(seconds) / 1e9
 
     forward = cluster.measure_tcp(a, b, size, repeats, timeout)
     backward = cluster.measure_tcp(b, a, size, repeats, timeout)
     before = cluster.link_bytes()
-    launched = cluster.mpirun(["-m", "tests.cluster.linkspeed", "mpi", str(size), str(repeats)], timeout=timeout)
+    launched = cluster.mpirun(["-m", "tools.cluster.linkspeed", "mpi", str(size), str(repeats)], timeout=timeout)
     after = cluster.link_bytes()
     if launched.returncode != 0:
         raise RuntimeError(f"MPI measurement failed:\n{launched.stdout}\n{launched.stderr}")
@@ -739,15 +854,16 @@ def measure(cluster: EmulatedCluster, size: int = 25 * 2**20, repeats: int = 5, 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.cluster.emulate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.cluster.emulate", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="create the cluster (it stays until `down`)")
     up.add_argument("--rate", default="1gbit", help="each link's rate per direction (tc notation; 'none')")
     up.add_argument("--nodes", type=int, default=2)
     up.add_argument("--cpus", default="split", help="'split', 'all' or one cpu list per node, comma-free: 0-3/4-7")
     up.add_argument("--mtu", type=int, default=1500)
-    sub.add_parser("down", help="remove the cluster").add_argument("--all", action="store_true",
-                                                                   help="every emulated cluster and leftover")
+    sub.add_parser("down", help="remove the cluster").add_argument(
+        "--all", action="store_true", help="every emulated cluster and leftover"
+    )
     sub.add_parser("rate", help="change the links' rate").add_argument("rate")
     sub.add_parser("status", help="describe the cluster")
     run = sub.add_parser("run", help="run a command on the head (mpirun) with the cluster's environment")
@@ -762,7 +878,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.command == "up":
         if (STATE / CLI_TAG).exists():
-            raise SystemExit("error: an emulated cluster is already up (python -m tests.cluster.emulate down)")
+            raise SystemExit("error: an emulated cluster is already up (python -m tools.cluster.emulate down)")
         cpus = args.cpus if args.cpus in ("split", "all") else args.cpus.split("/")
         cluster = EmulatedCluster(args.nodes, args.rate, cpus=cpus, mtu=args.mtu, tag=CLI_TAG)
         cluster.start()  # removed again if interrupted while being made
@@ -770,8 +886,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         cluster._unguard()  # it outlives this process
         hosts = ",".join(f"{h}:1" for h in cluster.hosts)
         print(cluster.describe())
-        print(f"\nrun:   python -m tests.cluster.emulate run -- mpirun --host {hosts} -x PYTHONPATH python train.py")
-        print("stop:  python -m tests.cluster.emulate down")
+        print(f"\nrun:   python -m tools.cluster.emulate run -- mpirun --host {hosts} -x PYTHONPATH python train.py")
+        print("stop:  python -m tools.cluster.emulate down")
         return
     if args.command == "down":
         removed = cleanup(everything=True) if args.all else ([CLI_TAG] if (STATE / CLI_TAG).exists() else [])

@@ -1,6 +1,6 @@
 """A private one-node Slurm cluster in a temporary directory, for tests that need a real ``srun`` and ``sbatch``.
 
-    python -m tests.cluster.slurm     # start one, print its SLURM_CONF, stop it on Ctrl-C (needs root)
+    python -m tools.cluster.slurm     # start one, print its SLURM_CONF, stop it on Ctrl-C (needs root)
 
 It uses this machine's ``munged``, ``slurmctld`` and ``slurmd`` (Debian packages: slurmctld slurmd slurm-client
 munge, plus libpmix-dev for ``srun --mpi=pmix``) and installs nothing. Everything it writes lives in its own
@@ -36,8 +36,13 @@ from typing_extensions import Self
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("srun", "sbatch", "squeue", "scontrol", "sinfo", "scancel")
 #: where Debian (and most distributions) keep Slurm's plugins
-PLUGIN_DIRS = ("/usr/lib/x86_64-linux-gnu/slurm-wlm", "/usr/lib/aarch64-linux-gnu/slurm-wlm", "/usr/lib64/slurm",
-               "/usr/lib/slurm", "/usr/local/lib/slurm")
+PLUGIN_DIRS = (
+    "/usr/lib/x86_64-linux-gnu/slurm-wlm",
+    "/usr/lib/aarch64-linux-gnu/slurm-wlm",
+    "/usr/lib64/slurm",
+    "/usr/lib/slurm",
+    "/usr/local/lib/slurm",
+)
 
 
 def unavailable() -> str | None:
@@ -48,8 +53,10 @@ def unavailable() -> str | None:
         return "a private Slurm cluster needs root (slurmd starts job steps as their user)"
     missing = [name for name in DAEMONS + CLIENTS if _which(name) is None]
     if missing:
-        return (f"Slurm or munge is not installed ({', '.join(missing)} not found); on Debian: "
-                "apt-get install slurmctld slurmd slurm-client munge libpmix-dev")
+        return (
+            f"Slurm or munge is not installed ({', '.join(missing)} not found); on Debian: "
+            "apt-get install slurmctld slurmd slurm-client munge libpmix-dev"
+        )
     return None
 
 
@@ -60,8 +67,9 @@ def pmix_unavailable() -> str | None:
         return "Slurm's PMIx plugin (mpi_pmix.so) is not installed"
     # The plugin opens the library by this name (libpmix-dev provides it). Tried in another process: loaded here,
     # the system's libpmix.so.2 would shadow the one Open MPI's libraries need, and mpi4py could not load them.
-    probe = subprocess.run([sys.executable, "-c", "import ctypes; ctypes.CDLL('libpmix.so')"], capture_output=True,
-                           check=False, timeout=30)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import ctypes; ctypes.CDLL('libpmix.so')"], capture_output=True, check=False, timeout=30
+    )
     if probe.returncode != 0:
         return "Slurm's PMIx plugin cannot load libpmix.so: apt-get install libpmix-dev"
     return None
@@ -176,10 +184,19 @@ class SlurmCluster:
         try:
             self.write_config()
             munge = self.root / "munge"
-            self._spawn("munged", [_which("munged"), "--foreground", "--force", f"--socket={self.munge_socket}",
-                                   f"--key-file={munge / 'munge.key'}", f"--pid-file={munge / 'munged.pid'}",
-                                   f"--log-file={self.root / 'log' / 'munged.log'}",
-                                   f"--seed-file={munge / 'munged.seed'}"])
+            self._spawn(
+                "munged",
+                [
+                    _which("munged"),
+                    "--foreground",
+                    "--force",
+                    f"--socket={self.munge_socket}",
+                    f"--key-file={munge / 'munge.key'}",
+                    f"--pid-file={munge / 'munged.pid'}",
+                    f"--log-file={self.root / 'log' / 'munged.log'}",
+                    f"--seed-file={munge / 'munged.seed'}",
+                ],
+            )
             self._wait(lambda: self.munge_socket.exists(), timeout, "munged to open its socket")
             self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
             self._spawn("slurmd", [_which("slurmd"), "-D", "-N", self.node, "-f", str(self.conf)])
@@ -218,7 +235,11 @@ class SlurmCluster:
         out = open(self.root / "log" / f"{name}.out", "wb")  # noqa: SIM115 (the daemon holds it)
         try:
             self._daemons[name] = subprocess.Popen(
-                [str(a) for a in argv], env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                [str(a) for a in argv],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C of the test run must not hit the daemons before stop() does
             )
         finally:
@@ -266,13 +287,24 @@ class SlurmCluster:
 
     # -- clients -------------------------------------------------------------------------------------------
 
-    def run(self, argv: Sequence[str], timeout: float = 60, check: bool = True, env: dict[str, str] | None = None,
-            cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        argv: Sequence[str],
+        timeout: float = 60,
+        check: bool = True,
+        env: dict[str, str] | None = None,
+        cwd: str | os.PathLike | None = None,
+    ) -> subprocess.CompletedProcess:
         """Run a command (``srun ...``, ``sbatch ...``) against this cluster, killed with its process group after
         ``timeout`` seconds (then the test fails with what it printed)."""
         proc = subprocess.Popen(
-            list(argv), env={**self.env, **(env or {})}, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, start_new_session=True,
+            list(argv),
+            env={**self.env, **(env or {})},
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
         try:
             out, err = proc.communicate(timeout=timeout)
@@ -301,8 +333,9 @@ class SlurmCluster:
         listed = self.run(["squeue", "--noheader", "--format=%i %T"], check=False, timeout=10)
         return [tuple(line.split()) for line in listed.stdout.splitlines() if line.strip()]  # type: ignore[misc]
 
-    def sbatch(self, argv: Sequence[str], cwd: str | os.PathLike | None = None,
-               env: dict[str, str] | None = None) -> str:
+    def sbatch(
+        self, argv: Sequence[str], cwd: str | os.PathLike | None = None, env: dict[str, str] | None = None
+    ) -> str:
         """Submit a batch job (``argv``: sbatch's options and the script); return its id."""
         submitted = self.run(["sbatch", "--parsable", *argv], cwd=cwd, env=env, timeout=30)
         return submitted.stdout.strip().split(";")[0]
@@ -344,6 +377,7 @@ def main() -> None:
     reason = unavailable()
     if reason:
         raise SystemExit(f"error: {reason}")
+
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
