@@ -5,9 +5,8 @@ Build (strict: a warning, such as a broken reference, fails the build):
     pip install -e ".[docs]"
     sphinx-build -W --keep-going -n -b html docs build/site
 
-Pages are Markdown (MyST); several include sections of README.md between ``<!-- include-start: NAME -->`` and
-``<!-- include-end: NAME -->`` markers, so README and the site say the same thing. The API reference is built from
-the docstrings (autodoc, Google-style ``Args:`` through napoleon).
+Pages are Markdown (MyST) and own their text (README is the front page and links them). The API reference is built
+from the docstrings (autodoc, Google-style ``Args:`` through napoleon).
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ exclude_patterns = [
     "conformance/torch/*.md",
     "distributed-benchmark/*.md",
     "network-distributed/*.md",
+    "memory/*.md",
 ]
 myst_enable_extensions = ["colon_fence"]
 myst_heading_anchors = 3

@@ -1,24 +1,40 @@
-"""MPIStrategy's part of a checkpoint: the only code that reads or writes the ``"lightning_mpi"`` section.
+"""MPIStrategy's part of a checkpoint: the only code that reads or writes the ``"lightning_mpi"`` section and the
+per-rank files beside it.
 
-Files are written once (rank 0) and atomically. The section (absent when there is nothing beyond Lightning's own
-checkpoint, as under gradient allreduce) holds::
+A checkpoint is an ordinary Lightning file: its ``state_dict`` is the model every rank agrees on (the synchronised
+model under averaging, member 0 of an ensemble), so ``load_from_checkpoint`` in one process and
+``trainer.test(ckpt_path=...)`` work as with any strategy. Where ranks hold states of their own (averaging between
+synchronisations, ensembles), each rank writes its own model and optimizer state into a directory beside the file,
+``<file>.ranks-<token>/rank-<r>.pt``: memory and bytes per rank do not grow with the number of ranks. The section::
 
-    {"format": FORMAT_VERSION, "sync": "average", "world_size": 2, "policy": {...the policy's state_dict...},
-     "ranks": [{"state_dict": ..., "optimizer_states": [...]}, ...]}   # where ranks hold different states
+    {"format": 2, "sync": "average", "world_size": 2, "policy": {...the policy's state_dict...},
+     "shards": "epoch=3.ckpt.ranks-5f0c2a91"}
 
-Files written before the format had a number carry no ``"format"`` and have the layout of version 1.
+Order of writing, so that a checkpoint cut short never looks complete: every rank writes its file into a new
+directory, all agree that every file is written, then rank 0 writes the main file (atomically for local files),
+then removes the directories of earlier saves to the same path. Format 1 (before this layout) kept every rank's
+state in the main file under ``"ranks"``; it still loads. Files without a ``"format"`` are format 1.
+
+Resuming at another world size: averaging and DiLoCo continue from the synchronised model and the optimizer state
+averaged over the ranks (the main file's), DiLoCo's outer state as stored; ensembles evaluate and predict at any
+world size (each rank holds a share of the members, every member votes); an ensemble fit continues only at the
+world size that wrote it.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
 from torch.nn import Module
 
 from lightning_mpi.comm import Communicator
@@ -27,32 +43,89 @@ if TYPE_CHECKING:
     from lightning_mpi.policies import SyncPolicy
 
 #: The layout of the ``"lightning_mpi"`` section this version writes; it reads this one and every older one.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SECTION = "lightning_mpi"
+SHARDS_INFIX = ".ranks-"
 
 
-def strategy_state(
-    policy: SyncPolicy, comm: Communicator, module: Module, optimizer_states: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """What MPIStrategy adds to a checkpoint under ``"lightning_mpi"`` (collective: call on every rank).
-
-    Policies whose ranks hold different models or optimizer state (averaging between averagings, ensembles)
-    also store every rank's own model and optimizer state under ``"ranks"``, so a resumed job continues exactly
-    where each rank was; the checkpoint's ordinary ``state_dict`` stays the averaged model (or member 0).
-    """
+def write(
+    io: CheckpointIO,
+    checkpoint: dict[str, Any],
+    filepath: Any,
+    storage_options: Any,
+    policy: SyncPolicy,
+    comm: Communicator,
+    module: Module,
+) -> None:
+    """Write ``checkpoint`` (Lightning's dict, not changed) with the strategy's section, and each rank's own state
+    beside it where ranks differ (collective: every rank calls it)."""
+    section: dict[str, Any] = {}
     policy_state = policy.state_dict()
-    if not (policy.ranks_differ or policy_state):
-        return {}  # nothing beyond Lightning's own checkpoint (gradient allreduce: the same file as DDP's)
-    state: dict[str, Any] = {
-        "format": FORMAT_VERSION,
-        "sync": policy.name,
-        "world_size": comm.size,
-        "policy": policy_state,
-    }
-    if policy.ranks_differ:
-        own = {"state_dict": policy.rank_state_dict(module), "optimizer_states": optimizer_states}
-        state["ranks"] = comm.gather_object(own, root=0)
-    return state
+    if policy.ranks_differ or policy_state:
+        section = {"format": FORMAT_VERSION, "sync": policy.name, "world_size": comm.size, "policy": policy_state}
+    main = dict(checkpoint)
+    if policy.ranks_differ and comm.size > 1:
+        token = comm.broadcast_object(secrets.token_hex(4) if comm.rank == 0 else None, 0)
+        section["shards"] = _shards_name(filepath, token)
+        own = {"state_dict": policy.rank_state_dict(module), "optimizer_states": checkpoint.get("optimizer_states", [])}
+        _write_own_shard(io, own, shard_path(filepath, section["shards"], comm.rank), comm)
+        if policy.averages_optimizer_state_in_checkpoints and "optimizer_states" in main:
+            main["optimizer_states"] = _averaged(comm, main["optimizer_states"])
+    if comm.rank == 0:
+        save(io, main, filepath, storage_options, section)
+        if "shards" in section:
+            remove_shards(filepath, keep=section["shards"])
+
+
+def _write_own_shard(io: CheckpointIO, own: dict[str, Any], path: str, comm: Communicator) -> None:
+    error: BaseException | None = None
+    try:
+        save(io, own, path, shared_directory=True)  # a new directory, every rank writing into it at once
+    except Exception as caught:  # every rank must learn of it before rank 0 writes the main file
+        error = caught
+    failed = torch.tensor([0 if error is None else 1], dtype=torch.int32)
+    if comm.allreduce_(failed, "sum").item():
+        raise RuntimeError(
+            f"lightning-mpi: {int(failed.item())} rank(s) could not write their part of a checkpoint ("
+            + (f"this rank: {error!r} writing {path}" if error else "this rank wrote its part")
+            + "); the checkpoint was not written."
+        ) from error
+
+
+def _averaged(comm: Communicator, optimizer_states: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of ``optimizer_states`` whose floating-point tensors are averaged over the ranks (collective)."""
+
+    def average(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.is_floating_point():
+            return comm.allreduce_(value.detach().clone(), "mean")
+        if isinstance(value, dict):
+            return {k: average(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(average(v) for v in value)
+        return value
+
+    return [average(state) for state in optimizer_states]
+
+
+def _shards_name(filepath: Any, token: str) -> str:
+    return str(os.path.basename(os.fspath(filepath))) + SHARDS_INFIX + token
+
+
+def shard_path(filepath: Any, shards: str, rank: int) -> str:
+    """Where rank ``rank`` keeps its own state for the checkpoint at ``filepath`` (``shards``: the section's)."""
+    path = os.fspath(filepath)
+    if "://" not in path:
+        path = os.path.realpath(path)  # through a symbolic link (ModelCheckpoint's save_last="link")
+    return f"{path.rsplit('/', 1)[0] if '/' in path else '.'}/{shards}/rank-{rank}.pt"
+
+
+def remove_shards(filepath: Any, keep: str | None = None) -> None:
+    """Remove the per-rank directories of the checkpoint at ``filepath`` (all of them, or all but ``keep``)."""
+    path = os.fspath(filepath)
+    fs = get_filesystem(path)
+    for found in fs.glob(path + SHARDS_INFIX + "*"):
+        if keep is None or os.path.basename(str(found).rstrip("/")) != keep:
+            fs.rm(found, recursive=True)
 
 
 def checkpoint_section(checkpoint: dict[str, Any], path: Any = None) -> dict[str, Any]:
@@ -68,34 +141,58 @@ def checkpoint_section(checkpoint: dict[str, Any], path: Any = None) -> dict[str
     return section
 
 
+def stored_rank_state(io: CheckpointIO, section: dict[str, Any], path: Any, rank: int) -> dict[str, Any]:
+    """Rank ``rank``'s own model and optimizer state as stored with the checkpoint at ``path``."""
+    if "shards" in section:
+        loaded: dict[str, Any] = io.load_checkpoint(shard_path(path, section["shards"], rank))
+        return loaded
+    ranks: list[dict[str, Any]] = section["ranks"]  # format 1: every rank's state in the main file
+    return ranks[rank]
+
+
 def restore(
-    checkpoint: dict[str, Any], policy: SyncPolicy, rank: int, world_size: int, fitting: bool, path: Any = None
+    checkpoint: dict[str, Any],
+    policy: SyncPolicy,
+    io: CheckpointIO,
+    rank: int,
+    world_size: int,
+    fitting: bool,
+    path: Any = None,
 ) -> None:
     """Give ``policy`` its stored state and, where it continues from each rank's own state, put this rank's model
     and optimizer state where Lightning loads from (on every rank)."""
     section = checkpoint_section(checkpoint, path)
+    stored = int(section.get("world_size", 1))
     if section.get("sync") == "ensemble" and policy.name != "ensemble":
         rank_zero_warn(
-            f"{path} is an ensemble checkpoint of {len(section.get('ranks', []))} member(s), loaded under "
-            f"MPIStrategy(sync={policy.name!r}): the model is member 0 alone. Evaluate the ensemble with "
-            "MPIStrategy(sync='ensemble') (any world size) or lightning_mpi.load_ensemble(path, MyModule)."
+            f"{path} is an ensemble checkpoint of {stored} member(s), loaded under MPIStrategy(sync={policy.name!r}): "
+            "the model is member 0 alone. Evaluate the ensemble with MPIStrategy(sync='ensemble') (any world size) "
+            "or lightning_mpi.load_ensemble(path, MyModule)."
         )
     policy.load_state_dict(section.get("policy", {}))
-    ranks = section.get("ranks")
-    if ranks is None or not policy.restores_rank_states(fitting):
+    own_states = "shards" in section or "ranks" in section
+    if not own_states or not policy.restores_rank_states(fitting):
         return
-    if len(ranks) != world_size:
-        hint = (
-            " (An ensemble checkpoint also loads in one process with load_ensemble().)"
-            if (section.get("sync") == "ensemble")
-            else ""
-        )
+    if stored == world_size:
+        own = stored_rank_state(io, section, path, rank)
+        checkpoint["state_dict"], checkpoint["optimizer_states"] = own["state_dict"], own["optimizer_states"]
+        return
+    if not fitting:  # an ensemble evaluated at another world size: this rank's share of the members
+        members = list(range(rank, stored, world_size))
+        states = [stored_rank_state(io, section, path, m)["state_dict"] for m in members]
+        policy.hold_members(members, states, stored)
+        return
+    if not policy.resumes_at_any_world_size:
         raise ValueError(
-            f"{path or 'This checkpoint'} holds the state of {len(ranks)} ranks but the job runs {world_size}: resume "
-            f"it with mpirun -n {len(ranks)}.{hint}"
+            f"{path or 'This checkpoint'} holds an ensemble of {stored} member(s), one per rank, but the job runs "
+            f"{world_size} rank(s): continue training it with mpirun -n {stored}. Testing and predicting work at any "
+            "world size."
         )
-    checkpoint["state_dict"] = ranks[rank]["state_dict"]
-    checkpoint["optimizer_states"] = ranks[rank]["optimizer_states"]
+    rank_zero_info(
+        f"lightning-mpi: {path} was written by {stored} rank(s); the {world_size} rank(s) of this job continue from "
+        "its synchronised model and the optimizer state averaged over those ranks."
+    )
+    policy.continue_from_synchronised_model()
 
 
 def save(
@@ -104,6 +201,7 @@ def save(
     filepath: Any,
     storage_options: Any = None,
     section: dict[str, Any] | None = None,
+    shared_directory: bool = False,
 ) -> None:
     """Save ``checkpoint`` with ``section`` (from :func:`strategy_state`; none if empty) through ``io`` at
     ``filepath`` (the path as given: every plugin writes where it is told). ``checkpoint`` itself is not changed:
@@ -119,7 +217,7 @@ def save(
     if type(io) is TorchCheckpointIO and "://" not in path:
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        with _temporary_files_in(directory):
+        with _temporary_files_in(directory, remove_leftovers=not shared_directory):
             io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
     else:
         io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
@@ -130,10 +228,12 @@ PARTIAL_PREFIX = ".partial-checkpoint-"
 
 
 @contextmanager
-def _temporary_files_in(directory: str) -> Iterator[None]:
+def _temporary_files_in(directory: str, remove_leftovers: bool = True) -> Iterator[None]:
     """fsspec's temporary file in ``directory``, under a name that says what it is. One that a killed job left
-    behind (an interruption that unwinds removes its own) is removed by the next save into the directory."""
-    remove_partial_checkpoints(directory)
+    behind (an interruption that unwinds removes its own) is removed by the next save into the directory, unless
+    other ranks write into it at the same time (``remove_leftovers=False``)."""
+    if remove_leftovers:
+        remove_partial_checkpoints(directory)
     previous = tempfile.tempdir, tempfile.template
     tempfile.tempdir, tempfile.template = directory, PARTIAL_PREFIX
     try:

@@ -415,18 +415,25 @@ class MPIStrategy(ParallelStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """Write once (rank 0); local files of the default IO atomically; see :mod:`lightning_mpi.checkpoint`."""
-        section = ckpt.strategy_state(self._policy, self.comm, self._module, checkpoint.get("optimizer_states", []))
-        if self.is_global_zero:
-            ckpt.save(self.checkpoint_io, checkpoint, filepath, storage_options, section)
+        """Collective: see :mod:`lightning_mpi.checkpoint` (one ordinary file by rank 0, each rank's own state
+        beside it where ranks differ)."""
+        ckpt.write(self.checkpoint_io, checkpoint, filepath, storage_options, self._policy, self.comm, self._module)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         trainer = _lightning.attached_trainer(self.lightning_module)
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
-        ckpt.restore(checkpoint, self._policy, self.global_rank, self.world_size, fitting, checkpoint_path)
+        ckpt.restore(
+            checkpoint, self._policy, self.checkpoint_io, self.global_rank, self.world_size, fitting, checkpoint_path
+        )
         return checkpoint
+
+    @override
+    def remove_checkpoint(self, filepath: Any) -> None:
+        super().remove_checkpoint(filepath)
+        if self.is_global_zero:
+            ckpt.remove_shards(filepath)
 
     # -- failures ------------------------------------------------------------------------------------------
 

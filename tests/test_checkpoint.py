@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -14,10 +16,16 @@ def results(suite_launches):
     return {sync: launched.results(sync) for sync in ("allreduce", "average")}
 
 
-@pytest.mark.parametrize("sync", ["allreduce", "average"])
-def test_written_once_without_leftovers(results, sync):
+def test_written_once_without_leftovers(results):
     # one file per epoch plus last.ckpt; a second writer or a temporary file would show up here
-    assert results[sync][0]["files"] == ["epoch=0-step=6.ckpt", "epoch=1-step=12.ckpt", "last.ckpt"]
+    checkpoints = ["epoch=0-step=6.ckpt", "epoch=1-step=12.ckpt", "last.ckpt"]
+    assert results["allreduce"][0]["files"] == checkpoints
+    # averaging: each checkpoint with one directory of the ranks' own states beside it (the latest save's only)
+    files, shards = results["average"][0]["files"], results["average"][0]["shards"]
+    assert [f for f in files if f not in shards] == checkpoints
+    assert sorted(name.split(".ranks-")[0] for name in shards) == checkpoints
+    assert all(re.fullmatch(r".+\.ckpt\.ranks-[0-9a-f]{8}", name) for name in shards)
+    assert all(ranks == ["rank-0.pt", "rank-1.pt"] for ranks in shards.values())
 
 
 @pytest.mark.parametrize("sync", ["allreduce", "average"])

@@ -28,12 +28,16 @@ def test_results_get_the_mode_the_umask_gives(tmp_path):
 
 
 def test_checkpoint_mode_follows_the_umask(tmp_path):
+    from fsspec.implementations.local import get_umask
+
     previous = os.umask(0o027)
+    get_umask.cache_clear()  # fsspec reads the umask once per process (its first atomic save); this test changes it
     try:
         checkpoint.save(TorchCheckpointIO(), {"w": torch.zeros(3)}, tmp_path / "a.ckpt")
         assert (tmp_path / "a.ckpt").stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(previous)
+        get_umask.cache_clear()
 
 
 def test_killed_save_leaves_a_named_partial_file_that_the_next_save_removes(tmp_path):

@@ -278,11 +278,11 @@ def test_checkpoint_section_has_a_format_version(tmp_path):
     path = tmp_path / "average.ckpt"
     trainer.save_checkpoint(path)
     stored = torch.load(path, weights_only=False)
-    assert stored[SECTION]["format"] == FORMAT_VERSION == 1
+    assert stored[SECTION]["format"] == FORMAT_VERSION == 2
     assert checkpoint_section({SECTION: {"sync": "average"}}) == {"sync": "average"}
     assert checkpoint_section({}) == {}
-    with pytest.raises(ValueError, match="format 2, newer than the format 1 this version reads: upgrade"):
-        checkpoint_section({SECTION: {"format": 2}}, path)
+    with pytest.raises(ValueError, match="format 3, newer than the format 2 this version reads: upgrade"):
+        checkpoint_section({SECTION: {"format": 3}}, path)
     trainer = quiet_trainer(strategy=MPIStrategy("average", every_n_steps=1), max_steps=3)
     trainer.fit(Regressor(), DataLoader(regression_data(4 * BATCH), batch_size=BATCH), ckpt_path=path)
     assert trainer.strategy.policy.steps == 3

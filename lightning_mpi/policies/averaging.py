@@ -67,6 +67,8 @@ class ParameterAveraging(SyncPolicy):
     """
 
     name = "average"
+    averages_optimizer_state_in_checkpoints = True
+    resumes_at_any_world_size = True
 
     def __init__(
         self,
@@ -105,6 +107,8 @@ class ParameterAveraging(SyncPolicy):
         self._rest_buckets: list[Bucket] | None = None
         #: DiLoCo's outer state while evaluation previews a synchronisation
         self._outer_before: dict[str, Any] | None = None
+        #: resumed at another world size: every rank starts from the checkpoint's synchronised model
+        self._resynchronised = False
 
     @property
     def syncs_gradients(self) -> bool:  # type: ignore[override]
@@ -120,11 +124,17 @@ class ParameterAveraging(SyncPolicy):
         elif not continuing:
             broadcast_module(comm, module)
             self._broadcast_after_backward = has_lazy_tensors(module) and comm.size > 1
-        if not continuing:
+        if not continuing or self._resynchronised:
             self._in_sync = True
         self._rest_buckets = None
         if self._outer is not None:
             self._outer.attach(trainable(module), restore=continuing)
+            if self._resynchronised:
+                self._outer.reset()  # changes count from the model every rank starts from
+        self._resynchronised = False
+
+    def continue_from_synchronised_model(self) -> None:
+        self._resynchronised = True
 
     @property
     def loss_scale(self) -> float:

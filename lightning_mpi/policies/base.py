@@ -68,6 +68,10 @@ class SyncPolicy:
     ranks_differ = True
     #: every rank must build the same model and optimizers (checked at the start of fit)
     identical_replicas = True
+    #: a checkpoint's optimizer state is the average over the ranks (each rank's own is stored beside it)
+    averages_optimizer_state_in_checkpoints = False
+    #: a fit may resume at another world size (from the checkpoint's model; see :mod:`lightning_mpi.checkpoint`)
+    resumes_at_any_world_size = False
 
     def __init__(self) -> None:
         self.comm: Communicator = Communicator()
@@ -142,6 +146,15 @@ class SyncPolicy:
     def restores_rank_states(self, fitting: bool) -> bool:
         """Whether a rank loads its own stored state (rather than the checkpoint's model) in this run."""
         return self.ranks_differ
+
+    def continue_from_synchronised_model(self) -> None:
+        """A fit resumes at another world size than the checkpoint's: every rank starts from its model."""
+        raise NotImplementedError(f"sync={self.name!r} does not resume at another world size.")
+
+    def hold_members(self, members: list[int], states: list[dict[str, Any]], total: int) -> None:
+        """Evaluation at another world size than the checkpoint's: this rank holds members ``members`` (their model
+        states ``states``) of ``total``."""
+        raise NotImplementedError(f"sync={self.name!r} has no members.")
 
     def state_dict(self) -> dict[str, Any]:
         return {}

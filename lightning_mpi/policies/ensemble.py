@@ -17,7 +17,7 @@ from torch.nn import Module
 from torch.nn.parameter import is_lazy
 
 from lightning_mpi import voting as voting_functions
-from lightning_mpi.checkpoint import checkpoint_section
+from lightning_mpi.checkpoint import checkpoint_section, shard_path
 from lightning_mpi.comm import Communicator
 from lightning_mpi.policies.base import SyncPolicy
 from lightning_mpi.sampling import shard_evaluation_dataloader
@@ -52,9 +52,13 @@ class Ensemble(SyncPolicy):
         self.voting = voting
         self.seed = seed
         self.member_outputs: Any = None
+        #: members this rank evaluates when a checkpoint of another world size was loaded (else its own module)
+        self._held: _HeldMembers | None = None
 
     def setup(self, comm: Communicator, module: Module, fitting: bool, resuming: bool) -> None:
         super().setup(comm, module, fitting, resuming)
+        if fitting:
+            self._held = None  # training: one member per rank, the module itself
         if fitting and not resuming and comm.size > 1 and _same_on_every_rank(comm, module):
             base = self.seed if self.seed is not None else torch.initial_seed()
             torch.manual_seed((base + 7919 * comm.rank) % 2**63)
@@ -62,16 +66,26 @@ class Ensemble(SyncPolicy):
                 if sub is not module and callable(getattr(sub, "reset_parameters", None)):
                     sub.reset_parameters()  # type: ignore[operator]
 
+    def hold_members(self, members: list[int], states: list[dict[str, Any]], total: int) -> None:
+        self._held = _HeldMembers(states, total)
+
     @contextmanager
     def evaluation(self, module: Module) -> Iterator[None]:
-        if self.comm.size == 1:
+        held = self._held
+        if self.comm.size == 1 and held is None:
             yield
             return
+        if held is not None:
+            held.bind(self.comm)
         original = module.forward
         own = module.__dict__.get("forward")
+        own_state = {k: v.clone() for k, v in module.state_dict().items()} if held is not None else None
 
         def ensemble_forward(*args: Any, **kwargs: Any) -> Any:
-            members = apply_to_collection(original(*args, **kwargs), Tensor, self._gather)
+            if held is None:  # one member per rank: this module
+                members = apply_to_collection(original(*args, **kwargs), Tensor, self._gather)
+            else:
+                members = apply_to_collection(held.outputs(module, original, args, kwargs), Tensor, held.gather)
             self.member_outputs = members
             return apply_to_collection(members, Tensor, self._combine)
 
@@ -83,6 +97,8 @@ class Ensemble(SyncPolicy):
                 del module.forward
             else:
                 module.forward = own
+            if own_state is not None:
+                module.load_state_dict(own_state)
 
     def _gather(self, output: Tensor) -> Tensor:
         return torch.stack(self.comm.allgather(output.detach()))
@@ -103,6 +119,50 @@ class Ensemble(SyncPolicy):
 
     def state_dict(self) -> dict[str, Any]:
         return {"voting": self.voting}
+
+
+class _HeldMembers:
+    """The members one rank evaluates when the job's world size differs from the checkpoint's: rank ``r`` of ``N``
+    holds members ``r, r + N, ...`` of ``total`` (none if ``r >= total``), and every forward gathers all of them."""
+
+    def __init__(self, states: list[dict[str, Any]], total: int) -> None:
+        self.states = states
+        self.total = total
+        self.comm: Communicator | None = None
+        self._order = torch.arange(total)
+
+    def bind(self, comm: Communicator) -> None:
+        """Gather over ``comm`` (the job's, known once the strategy is set up)."""
+        self.comm = comm
+        everyone = [m for r in range(comm.size) for m in range(r, self.total, comm.size)]  # the gathers' order
+        self._order = torch.tensor(sorted(range(self.total), key=everyone.__getitem__), dtype=torch.int64)
+
+    def outputs(self, module: Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        """This rank's members' outputs, stacked ``[held, batch, ...]`` leaf by leaf (empty if it holds none)."""
+        if not self.states:  # the shapes only: this rank takes part in the gathers with nothing
+            return apply_to_collection(forward(*args, **kwargs), Tensor, lambda t: t.detach().unsqueeze(0)[:0])
+        outputs = []
+        for state in self.states:
+            module.load_state_dict(state)
+            outputs.append(forward(*args, **kwargs))
+        return _stack(outputs)
+
+    def gather(self, held: Tensor) -> Tensor:
+        """Every rank's held outputs, ``[members, batch, ...]`` in member order."""
+        assert self.comm is not None
+        return torch.cat(self.comm.allgather(held.contiguous()))[self._order]
+
+
+def _stack(outputs: list[Any]) -> Any:
+    """Outputs of the same structure, stacked leaf by leaf along a new first dimension."""
+    first = outputs[0]
+    if isinstance(first, Tensor):
+        return torch.stack([o.detach() for o in outputs])
+    if isinstance(first, dict):
+        return {k: _stack([o[k] for o in outputs]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_stack(list(parts)) for parts in zip(*outputs))
+    return first
 
 
 def _same_on_every_rank(comm: Communicator, module: Module) -> bool:
@@ -155,10 +215,18 @@ def load_ensemble(
     """
     with torch.serialization.safe_globals(_SAFE_GLOBALS):
         checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
-    state = checkpoint_section(checkpoint, path)
-    members = [rank["state_dict"] for rank in state.get("ranks", [])]
-    if state.get("sync") != "ensemble" or not members:
-        raise ValueError(f"{path} is not an ensemble checkpoint (written by MPIStrategy(sync='ensemble')).")
+        state = checkpoint_section(checkpoint, path)
+        if state.get("sync") != "ensemble":
+            raise ValueError(f"{path} is not an ensemble checkpoint (written by MPIStrategy(sync='ensemble')).")
+        if "shards" in state:  # one file per member beside the checkpoint, read one at a time
+            members = [
+                torch.load(shard_path(path, state["shards"], r), map_location=map_location, weights_only=weights_only)[
+                    "state_dict"
+                ]
+                for r in range(int(state["world_size"]))
+            ]
+        else:  # format 1 (every member in the file), or one member
+            members = [rank["state_dict"] for rank in state.get("ranks", [])] or [checkpoint["state_dict"]]
     hparams = checkpoint.get("hyper_parameters", {})
     modules = []
     for member_state in members:

@@ -31,6 +31,7 @@ def main(out: Path) -> None:
         ckpt_dir = out / f"ckpt-{sync}"
         fit(2, ckpt_dir=ckpt_dir, sync=sync)
         files = sorted(os.listdir(ckpt_dir))
+        shards = {name: sorted(os.listdir(ckpt_dir / name)) for name in files if (ckpt_dir / name).is_dir()}
         resumed, trainer = fit(3, resume=ckpt_dir / "last.ckpt", sync=sync)
         save_rank_results(
             out,
@@ -39,6 +40,7 @@ def main(out: Path) -> None:
                 "full": full.state_dict(),
                 "resumed": resumed.state_dict(),
                 "files": files,
+                "shards": shards,
                 "epoch": trainer.current_epoch,
                 "policy": trainer.strategy.policy.state_dict(),
             },
