@@ -1,5 +1,8 @@
 """Hydra under mpirun: one output directory per job shared by all ranks, files written once, logs per rank.
 
+Needs hydra-core (``pip install "lightning-mpi[hydra]"``; the ``recipes`` extra has it); importing this module does
+not import Hydra, its functions do.
+
 Every rank runs the Hydra application. Left alone, ``${now:...}`` resolves per process (so ranks may pick
 different run directories), and every rank writes ``.hydra/`` and appends to one log file.
 :func:`mpi_hydra_main` replaces ``@hydra.main``:

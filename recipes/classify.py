@@ -22,7 +22,7 @@ import torch
 from classification.data import ClassificationDataModule, stratified_folds, stratified_split
 from classify_report import plot_confusion_matrix
 from hydra.utils import instantiate
-from hydra_configs import Mode
+from hydra_configs import Mode, trainer_options
 from hydra_configs import register as register_configs
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.strategies import Strategy
@@ -94,8 +94,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _trainer(cfg: DictConfig, strategy: Strategy) -> Trainer:
-    options = OmegaConf.to_container(cfg.trainer, resolve=True)
-    assert isinstance(options, dict)
+    options = trainer_options(cfg.trainer)
     options.update(strategy=strategy, logger=False, enable_checkpointing=False, enable_model_summary=False)
     options.setdefault("default_root_dir", str(job_output_dir(cfg)))
     return Trainer(**options)

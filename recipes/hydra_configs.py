@@ -30,6 +30,35 @@ class TrainerConfig:
     gradient_clip_val: Optional[float] = None  # noqa: UP045
 
 
+def trainer_options(trainer: Any) -> dict[str, Any]:
+    """``cfg.trainer`` as keyword arguments of Lightning's Trainer, each checked against the Trainer's signature:
+    Hydra's ``+trainer.key=value`` adds keys the schema does not type, and a misspelt one would otherwise end in a
+    ``TypeError`` deep in ``Trainer.__init__``.
+
+    >>> trainer_options({"max_epochs": 3})
+    {'max_epochs': 3}
+    >>> trainer_options({"max_epoch": 3})
+    Traceback (most recent call last):
+    ...
+    ValueError: trainer.max_epoch is not an argument of Lightning's Trainer; did you mean trainer.max_epochs?
+    """
+    import difflib
+    import inspect
+
+    from lightning.pytorch import Trainer
+    from omegaconf import DictConfig, OmegaConf
+
+    options = OmegaConf.to_container(trainer, resolve=True) if isinstance(trainer, DictConfig) else dict(trainer)
+    assert isinstance(options, dict)
+    known = set(inspect.signature(Trainer.__init__).parameters) - {"self"}
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean trainer.{close[0]}?" if close else " (see lightning.pytorch.Trainer's arguments)."
+            raise ValueError(f"trainer.{key} is not an argument of Lightning's Trainer{hint}")
+    return {str(k): v for k, v in options.items()}
+
+
 @dataclass
 class ForecastingConfig:
     """recipes/train.py: forecasting daily case counts."""

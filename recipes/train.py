@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from hydra_configs import register as register_configs
+from hydra_configs import trainer_options
 from omegaconf import DictConfig, OmegaConf
 from runs import shown
 
@@ -59,7 +60,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     data.prepare(comm)
     # Partial: a dataclass passed through instantiate would come back as a DictConfig.
     model = instantiate(cfg.model, _partial_=True)(window=data.window, horizon=data.horizon, transform=data.transform)
-    options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    options = trainer_options(cfg.trainer)
     options["enable_progress_bar"] = bool(options.get("enable_progress_bar", True)) and comm.rank == 0
     trainer = Trainer(
         **options, strategy=strategy, logger=False, enable_checkpointing=False, enable_model_summary=False

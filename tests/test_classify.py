@@ -55,6 +55,18 @@ def test_a_forecasting_option_or_a_wrong_type_fails_at_composition() -> None:
         _compose("mode=folds")
 
 
+def test_an_added_trainer_key_is_checked_before_the_trainer() -> None:
+    # Hydra's own hint for a key the schema lacks is "+trainer.key=value", which bypasses the schema: the recipe
+    # names the misspelt argument instead of failing inside Trainer.__init__
+    from hydra_configs import trainer_options
+
+    cfg = _compose("+trainer.max_epoch=5")
+    with pytest.raises(ValueError, match=r"trainer.max_epoch is not an argument of Lightning's Trainer; did you mean "
+                                         r"trainer.max_epochs\?"):  # fmt: skip
+        trainer_options(cfg.trainer)
+    assert trainer_options(_compose("+trainer.precision=64").trainer)["precision"] == 64
+
+
 @pytest.mark.parametrize(
     ("experiment", "expected"),
     [

@@ -45,7 +45,11 @@ JOB_ENV = {
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(request):
+    from tools.announce import announce
+
+    announce(request, "starting a private one-node Slurm cluster on this host (slurmctld, slurmd, munged in a "
+             "temporary directory, stopped afterwards)")  # fmt: skip
     with private_cluster() as started:
         yield started
 

@@ -64,8 +64,9 @@ def _module():
 def _trainer(strategy, max_steps: int, **kwargs):
     from lightning.pytorch import Trainer
 
+    options = {"enable_checkpointing": False, **kwargs}
     return Trainer(strategy=strategy, accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, limit_val_batches=0, enable_checkpointing=False, **kwargs)  # fmt: skip
+                   enable_model_summary=False, limit_val_batches=0, **options)  # fmt: skip
 
 
 def _loader() -> DataLoader:
@@ -82,6 +83,15 @@ def write(out: Path) -> None:
         trainer = _trainer(MPIStrategy(**options), STEPS)
         trainer.fit(_module(), _loader())
         trainer.save_checkpoint(out / f"{name}.ckpt")  # steps 7: one step after the synchronisation at 6
+    # ModelCheckpoint with the layout: top-k removal takes the ranks' directories along, "last" as a link
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    seed_everything(0)
+    kept = ModelCheckpoint(dirpath=out / "topk", monitor="step", mode="max", save_top_k=2, every_n_train_steps=2,
+                           save_last="link")  # fmt: skip
+    _trainer(MPIStrategy(**MODES["average"]), STEPS, callbacks=[kept], enable_checkpointing=True).fit(
+        _module(), _loader()
+    )
     seed_everything(0)
     trainer = _trainer(MPIStrategy("ensemble", voting="mean"), STEPS)
     model = _module()
@@ -98,6 +108,10 @@ def resume(out: Path) -> None:
     from lightning_mpi import MPIStrategy
 
     result: dict = {}
+    seed_everything(0)
+    linked = _trainer(MPIStrategy(**MODES["average"]), STEPS)  # through the link: each rank finds its own state
+    linked.fit(_module(), _loader(), ckpt_path=out / "topk" / "last.ckpt")
+    result["through_link_steps"] = linked.global_step
     for name, options in MODES.items():
         seed_everything(0)
         trainer = _trainer(MPIStrategy(**options), STEPS)  # no step left: the model resumed
@@ -159,6 +173,17 @@ def test_each_rank_writes_its_own_state_beside_the_file(written):
         assert "ranks" not in section  # the main file holds one model, not one per rank
         shards = written.out / section["shards"]
         assert sorted(p.name for p in shards.iterdir()) == [f"rank-{r}.pt" for r in range(WRITTEN_AT)]
+
+
+def test_top_k_removal_takes_the_ranks_directories_along_and_last_links_resume(written, resumed):
+    directory = written.out / "topk"
+    files = sorted(p.name for p in directory.iterdir())
+    checkpoints = [f for f in files if f.endswith(".ckpt")]
+    assert checkpoints == ["epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"], files  # steps 2 and 4 gone
+    assert (directory / "last.ckpt").is_symlink()
+    shards = [f for f in files if ".ranks-" in f]
+    assert sorted(s.split(".ranks-")[0] for s in shards) == ["epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt"], files
+    assert all(r["through_link_steps"] == STEPS for r in resumed)
 
 
 @pytest.mark.parametrize("name", list(MODES))

@@ -780,12 +780,16 @@ def emulated(**kwargs) -> Iterator[EmulatedCluster]:
 
 
 @pytest.fixture(scope="module")
-def emulated_cluster() -> Iterator[EmulatedCluster]:
+def emulated_cluster(request: pytest.FixtureRequest) -> Iterator[EmulatedCluster]:
     """A 2-node emulated cluster with 1 Gbit/s links for the test module that imports this fixture (skipped, with
-    the reason, where none can be made)."""
+    the reason, where none can be made). It changes the host while it exists, and says so on the console."""
     reason = unavailable()
     if reason:
         pytest.skip(f"no emulated cluster: {reason}")
+    from tools.announce import announce
+
+    announce(request, "building an emulated 2-node cluster on this host (network namespaces, veth links, tc, "
+             "cgroup cpusets; removed afterwards, also when interrupted)")  # fmt: skip
     with emulated(rate="1gbit") as cluster:
         yield cluster
 
