@@ -11,6 +11,5 @@ if __name__ == "__main__":
     model, data = Classifier(), Blobs()
     t.fit(model, datamodule=data)
     (result,) = t.test(model, datamodule=data, ckpt_path="best")
-    t.print(
-        f"allreduce, {t.world_size} rank(s): test_acc {result['test_acc']:.4f}, best {t.checkpoint_callback.best_model_path}"
-    )
+    best = t.checkpoint_callback.best_model_path
+    t.print(f"allreduce, {t.world_size} rank(s): test_acc {result['test_acc']:.4f}, best checkpoint {best}")

@@ -11,6 +11,5 @@ if __name__ == "__main__":
     model, data = Classifier(), Blobs()
     t.fit(model, datamodule=data)
     (result,) = t.test(model, datamodule=data, ckpt_path="best")  # the checkpoint holds the averaged model
-    t.print(
-        f"average, {t.world_size} rank(s): test_acc {result['test_acc']:.4f}, bytes per epoch {t.strategy.bytes_per_epoch}"
-    )
+    sent = t.strategy.bytes_per_epoch
+    t.print(f"average, {t.world_size} rank(s): test_acc {result['test_acc']:.4f}, bytes sent per epoch {sent}")

@@ -203,7 +203,7 @@ def save(
     section: dict[str, Any] | None = None,
     shared_directory: bool = False,
 ) -> None:
-    """Save ``checkpoint`` with ``section`` (from :func:`strategy_state`; none if empty) through ``io`` at
+    """Save ``checkpoint`` with ``section`` (the strategy's, see :func:`write`; none if empty) through ``io`` at
     ``filepath`` (the path as given: every plugin writes where it is told). ``checkpoint`` itself is not changed:
     callbacks' ``on_save_checkpoint`` saw the dict they were given.
 

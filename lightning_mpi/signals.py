@@ -15,18 +15,22 @@ from lightning_mpi.comm import Communicator
 class FlagChannel:
     """One 0/1 flag per rank that rides on a collective the policy makes anyway (the gradient allreduce).
 
-    The owner writes :attr:`outgoing` into its buffer before the collective and calls :meth:`deliver` with the sum
-    over ranks after it; :meth:`take` then tells every rank alike whether any rank had set the flag.
+    The owner writes ``outgoing`` (set by :meth:`send`) into its buffer before the collective and calls
+    :meth:`deliver` with the sum over ranks after it; :meth:`take` then tells every rank alike whether any rank had
+    set the flag.
     """
 
     def __init__(self) -> None:
+        #: this rank's flag, for the next collective
         self.outgoing = False
         self._any = False
 
     def send(self, value: bool) -> None:
+        """Set this rank's flag for the next collective."""
         self.outgoing = value
 
     def deliver(self, count: float) -> None:
+        """The sum over ranks of the flags that a collective carried."""
         self._any = self._any or count > 0
 
     def take(self) -> bool:

@@ -92,7 +92,7 @@ class SyncPolicy:
 
     def before_training_step(self, module: Module, synchronised: bool, source: int = 0) -> None:
         """Called before every ``training_step``; ``synchronised``: its backward will be synchronised; ``source``:
-        the lowest rank with a batch of its own in this step (see :mod:`lightning_mpi.join`)."""
+        the lowest rank with a batch of its own in this step (see ``lightning_mpi.join``)."""
 
     def before_backward(self, module: Module, synchronised: bool) -> None:
         """Called before every backward through the strategy (also on non-stepping micro-batches, where
@@ -126,7 +126,7 @@ class SyncPolicy:
         """Called before every validation, test and predict step."""
 
     def evaluation_loader(self, dataloader: object, limit: int | None = None) -> object:
-        """What a rank evaluates and predicts on: its share of the samples (see :mod:`lightning_mpi.sampling`);
+        """What a rank evaluates and predicts on: its share of the samples (see ``lightning_mpi.sampling``);
         ``limit``: the batches per rank an integer ``limit_val_batches``/``limit_test_batches`` allows."""
         return shard_evaluation_dataloader(dataloader, self.comm.size, self.comm.rank, limit)
 
@@ -157,6 +157,7 @@ class SyncPolicy:
         raise NotImplementedError(f"sync={self.name!r} has no members.")
 
     def state_dict(self) -> dict[str, Any]:
+        """What the policy keeps in a checkpoint (counters, DiLoCo's outer state); the same on every rank."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
