@@ -130,21 +130,27 @@ def plot_forecast(path: Path, data: Any, forecast: np.ndarray, result: dict[str,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from forecasting.data import first_date
     from matplotlib.ticker import StrMethodFormatter
 
     x, y = data.test_windows()
-    days = np.arange(data.split, data.split + len(y)) + data.window
+    days: Any = np.arange(data.split, data.split + len(y)) + data.window
+    if data.source == "nyt":  # dated data: the calendar on the x axis, and the state in the title
+        days = first_date(data.path, data.state) + days
+        label, axis = f"{data.state} COVID-19 cases (New York Times data)", "date"
+    else:
+        label, axis = f"{data.source.upper()} epidemic (generated, seed {data.seed})", "day of the series"
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.plot(days, y[:, 0], label="actual", color="black")
     ax.plot(days, forecast[:, 0], label=f"{result['model']} (RMSE {result['metrics']['rmse']:,.0f})")
     persistence = result["baselines"]["persistence"]["rmse"]
     ax.plot(days, x[:, -1], label=f"persistence (RMSE {persistence:,.0f})", linestyle="--", alpha=0.7)
-    ax.set_xlabel("day of the series")
+    ax.set_xlabel(axis)
     ax.set_ylabel("active cases")
     ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
     ranks = "1 process" if result["ranks"] == 1 else f"{result['ranks']} ranks"
     how = "without MPI" if result["strategy"] == "single" else f"{ranks}, {result['strategy']}"
-    ax.set_title(f"{result['model']} ({how}): next-day forecast over the test period")
+    ax.set_title(f"{label}: {result['model']} ({how}), next-day forecast over the test period", fontsize=10)
     ax.legend()
     fig.tight_layout()
     save_figure(fig, path, dpi=110)

@@ -130,6 +130,14 @@ def load_nyt_state(path: str | os.PathLike, state: str = "Tennessee", days: int 
     return _take(_daily(rows.reset_index(drop=True), "cases", path).to_numpy(), days, path)
 
 
+def first_date(path: str | os.PathLike, state: str | None = None) -> np.datetime64:
+    """The first day of the series a loader reads from ``path`` (of ``state``'s rows, for an NYT file)."""
+    frame = _read_csv(path, ("date",))
+    if state is not None and "state" in frame:
+        frame = frame[frame["state"] == state]
+    return np.datetime64(frame["date"].min().date(), "D")
+
+
 def load_date_value(path: str | os.PathLike, days: int | None = None, value: str = "value") -> np.ndarray:
     """A plain ``date,value`` CSV (``value`` already daily, e.g. active cases), one value per day."""
     frame = _read_csv(path, ("date", value))
