@@ -18,55 +18,88 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch import Tensor
 from typing_extensions import override
 
 
-class EpochLines(ProgressBar):
-    """One line per training epoch (and every ``every_seconds`` within one, if given) on rank 0's stdout."""
+class EpochLines(TQDMProgressBar):
+    """One line per training epoch (and every ``every_seconds`` within one, if given) on rank 0's stdout.
+
+    A :class:`~lightning.pytorch.callbacks.TQDMProgressBar` whose bars count but never draw, so that code written for
+    Lightning's default bar (``trainer.progress_bar_callback.train_progress_bar``, ``self.print``) keeps working;
+    ``self.print`` / ``trainer.print`` go to stdout as plain lines.
+    """
 
     def __init__(self, every_seconds: float | None = None) -> None:
         super().__init__()
         self.every_seconds = every_seconds
-        self._enabled = True
         self._epoch_started = 0.0
         self._last_line = 0.0
 
-    @override
-    def disable(self) -> None:
-        self._enabled = False
+    def _silent(self, make: Callable[[], Tqdm]) -> Tqdm:
+        """A bar made by Lightning's ``init_*_tqdm``, disabled: it would redraw one terminal line."""
+        enabled, self._enabled = self._enabled, False
+        try:
+            return make()
+        finally:
+            self._enabled = enabled
 
     @override
-    def enable(self) -> None:
-        self._enabled = True
+    def init_sanity_tqdm(self) -> Tqdm:
+        return self._silent(super().init_sanity_tqdm)
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def init_train_tqdm(self) -> Tqdm:
+        return self._silent(super().init_train_tqdm)
+
+    @override
+    def init_validation_tqdm(self) -> Tqdm:
+        return self._silent(super().init_validation_tqdm)
+
+    @override
+    def init_test_tqdm(self) -> Tqdm:
+        return self._silent(super().init_test_tqdm)
+
+    @override
+    def init_predict_tqdm(self) -> Tqdm:
+        return self._silent(super().init_predict_tqdm)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
         self._epoch_started = self._last_line = time.monotonic()
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.every_seconds is None or time.monotonic() - self._last_line < self.every_seconds:
             return
         total = self.total_train_batches
         of = f"/{total}" if isinstance(total, int) else ""
-        self._show(trainer, pl_module, f"batch {batch_idx + 1}{of}", trainer.progress_bar_metrics)
+        self._show(trainer, f"batch {batch_idx + 1}{of}", trainer.progress_bar_metrics)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
         # Validation of this epoch has run by now: its metrics are in the line.
-        self._show(trainer, pl_module, f"{time.monotonic() - self._epoch_started:.1f} s", trainer.callback_metrics)
+        self._show(trainer, f"{time.monotonic() - self._epoch_started:.1f} s", trainer.callback_metrics)
 
-    def _show(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str, metrics: dict[str, Any]) -> None:
+    @override
+    def print(self, *args: Any, sep: str = " ", **kwargs: Any) -> None:
+        if self.is_enabled:
+            print(*args, sep=sep, end=kwargs.get("end", "\n"), flush=True)
+
+    def _show(self, trainer: pl.Trainer, what: str, metrics: dict[str, Any]) -> None:
         self._last_line = time.monotonic()
-        if not self._enabled or not trainer.is_global_zero:
+        if not self.is_enabled or not trainer.is_global_zero:
             return
         epochs = f"/{trainer.max_epochs}" if trainer.max_epochs not in (None, -1) else ""
         parts = [f"epoch {trainer.current_epoch + 1}{epochs}", f"step {trainer.global_step}", what]
