@@ -120,6 +120,13 @@ class GradientAllreduce(SyncPolicy):
         self._buffers = ByteBucket(buffers) if buffers and self.comm.size > 1 else None
         self._trainable = trainable
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (and deep-copyable, as ``deepcopy(trainer.callbacks)`` reaches the strategy): the buckets, their
+        prepared requests and gradient hooks belong to the running job and are built again at setup."""
+        state = dict(self.__dict__)
+        state.update(_buckets=None, _hooks=[], _buffers=None, _sparse=[], _trainable=[], _sparse_reduced=set())
+        return state
+
     def _trainable_changed(self, module: Module) -> bool:
         current: list[Tensor] = [p for p in module.parameters() if p.requires_grad]
         return not same_tensors(self._trainable, current)

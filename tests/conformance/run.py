@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", dest="keyword", default=None, help="pytest -k expression")
     parser.add_argument("--test-timeout", type=float, default=180, help="pytest-timeout per test, seconds")
     parser.add_argument("--stall-timeout", type=float, default=60, help="MPIStrategy(timeout=...) when injected")
+    parser.add_argument(
+        "--barrier-timeout",
+        type=float,
+        default=None,
+        help="seconds a rank waits for the others at the next test before it ends the job (default: 2 x the test "
+        "timeout + 120; lower it where ranks diverge often and wait in collectives without a limit, as DDP's do)",
+    )
     parser.add_argument("--session-timeout", type=float, default=3600, help="wall-clock limit per session, seconds")
     parser.add_argument("--memory-gb", type=float, default=8, help="address-space limit per process (0: none)")
     parser.add_argument("--max-restarts", type=int, default=300, help="sessions per configuration, at most")
@@ -184,7 +191,7 @@ def _command(
         "--conformance-memory-gb",
         f"{args.memory_gb:g}",
         "--conformance-barrier-timeout",
-        f"{2 * args.test_timeout + 120:g}",
+        f"{args.barrier_timeout or 2 * args.test_timeout + 120:g}",
         "--conformance-log",
         "--conformance-tmp",
         str(tmp),
