@@ -43,6 +43,8 @@ def test_train_example_prints_once_on_two_ranks_with_a_line_per_epoch(tmp_path: 
     assert run.stderr.count("bytes each rank sent in the last epoch: ") == 1
     assert "bytes each rank sent in the last epoch: 0" not in run.stderr  # gradients travelled
     assert (run.stdout + run.stderr).count("Seed set to 0") == 1  # Lightning's messages: rank 0's only
+    if shutil.which("srun"):  # Lightning's hint to prefix srun (without --mpi) is not given under an MPI launcher
+        assert "The `srun` command is available" not in run.stderr
     # stdout is a pipe here, as a file under sbatch: one progress line per epoch, from rank 0 only
     lines = re.findall(r"^epoch (\d+)/10 \| step (\d+) \| [\d.]+ s \| train_loss [\d.e-]+ \| val_loss [\d.e-]+$",
                        run.stdout, re.M)  # fmt: skip
