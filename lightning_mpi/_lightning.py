@@ -103,12 +103,12 @@ def set_rank_zero(rank: int) -> None:
     rank_zero_only.rank = utils_rank_zero_only.rank = rank  # type: ignore[attr-defined]
 
 
-_AFTER_INIT: list[Callable[[Trainer], None]] = []
+_AFTER_INIT: list[Callable[[Trainer, dict[str, Any]], None]] = []
 
 
-def after_every_trainer_init(check: Callable[[Trainer], None]) -> None:
-    """Run ``check(trainer)`` after every ``Trainer.__init__`` of this process (each check once, in the order
-    given)."""
+def after_every_trainer_init(check: Callable[[Trainer, dict[str, Any]], None]) -> None:
+    """Run ``check(trainer, keyword_arguments)`` after every ``Trainer.__init__`` of this process (each check once,
+    in the order given)."""
     if check not in _AFTER_INIT:
         _AFTER_INIT.append(check)
     init = Trainer.__init__
@@ -119,7 +119,7 @@ def after_every_trainer_init(check: Callable[[Trainer], None]) -> None:
     def checked_init(trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         init(trainer, *args, **kwargs)
         for after in _AFTER_INIT:
-            after(trainer)
+            after(trainer, kwargs)
 
     checked_init.lightning_mpi = True  # type: ignore[attr-defined]
     Trainer.__init__ = checked_init  # type: ignore[method-assign,assignment]

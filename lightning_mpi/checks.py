@@ -145,7 +145,7 @@ def warn_about_plain_trainers() -> None:
     after_every_trainer_init(_warn_if_plain)
 
 
-def _warn_if_plain(trainer: Any) -> None:
+def _warn_if_plain(trainer: Any, arguments: dict[str, Any]) -> None:
     if not trainer_builds_distributed(trainer):
         rank_zero_warn(
             f"lightning-mpi: this script runs under an MPI launcher with {launcher_size()} ranks, but the Trainer "

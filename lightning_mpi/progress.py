@@ -11,7 +11,7 @@ epoch's seconds and every logged scalar::
 Under an MPI launcher with several ranks, every Trainer with MPIStrategy gets it in place of Lightning's progress
 bar (:func:`use_epoch_lines_under_a_launcher`, installed by ``import lightning_mpi``);
 ``Trainer(enable_progress_bar=False)`` keeps the console quiet, ``callbacks=[EpochLines(every_seconds=30)]`` adds
-a line every 30 s within long epochs, and a progress bar class of your own is left alone.
+a line every 30 s within long epochs, and a progress bar you pass in ``callbacks`` is left alone.
 """
 
 from __future__ import annotations
@@ -107,6 +107,10 @@ class EpochLines(TQDMProgressBar):
         print(" | ".join(parts), flush=True)
 
 
+def _as_list(callbacks: Any) -> list[Any]:
+    return [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+
+
 def _scalars(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     """Logged scalars, formatted: 4 significant digits (integers as they are)."""
     shown = []
@@ -121,13 +125,14 @@ def _scalars(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     return shown
 
 
-def use_epoch_lines_under_a_launcher(trainer: pl.Trainer) -> None:
-    """Give a Trainer with MPIStrategy :class:`EpochLines` instead of Lightning's own progress bars (installed for
-    jobs of several ranks by ``import lightning_mpi``)."""
+def use_epoch_lines_under_a_launcher(trainer: pl.Trainer, arguments: dict[str, Any]) -> None:
+    """Give a Trainer with MPIStrategy :class:`EpochLines` instead of the progress bar Lightning added by default
+    (installed for jobs of several ranks by ``import lightning_mpi``); a progress bar passed in ``callbacks`` is the
+    user's choice and stays."""
     from lightning_mpi.strategy import MPIStrategy
 
     current = trainer.progress_bar_callback
-    if not isinstance(trainer.strategy, MPIStrategy):
+    if not isinstance(trainer.strategy, MPIStrategy) or current in _as_list(arguments.get("callbacks")):
         return
     if type(current) not in (TQDMProgressBar, RichProgressBar):
         return

@@ -33,3 +33,19 @@ def test_one_line_per_epoch_with_the_metrics_and_self_print(capsys):
     assert isinstance(trainer.progress_bar_callback, TQDMProgressBar)
     assert trainer.progress_bar_callback.train_progress_bar.disable
     assert "\r" not in out
+
+
+def test_the_default_bar_is_replaced_and_a_bar_passed_in_callbacks_stays():
+    from lightning_mpi import MPIStrategy
+    from lightning_mpi.progress import use_epoch_lines_under_a_launcher  # what import does under a launcher
+
+    trainer = Trainer(strategy=MPIStrategy(), accelerator="cpu", logger=False)
+    use_epoch_lines_under_a_launcher(trainer, {})
+    assert type(trainer.progress_bar_callback) is EpochLines
+    mine = TQDMProgressBar(refresh_rate=5)
+    trainer = Trainer(strategy=MPIStrategy(), accelerator="cpu", logger=False, callbacks=[mine])
+    use_epoch_lines_under_a_launcher(trainer, {"callbacks": [mine]})
+    assert trainer.progress_bar_callback is mine
+    plain = Trainer(accelerator="cpu", logger=False)  # another strategy: left as Lightning made it
+    use_epoch_lines_under_a_launcher(plain, {})
+    assert type(plain.progress_bar_callback) is TQDMProgressBar
