@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import re
 
-RANK_ZERO_WARNING = "Lightning warns on rank 0 only (rank_zero_warn); the test expects the warning on every rank."
+BEFORE_SETUP = (
+    " Where DDP passes, it happens before the strategy's setup: DDP tells Lightning the rank only at setup, so its "
+    "rank 1 still acts as rank 0 until then, while import lightning_mpi tells Lightning the rank from the first line "
+    "of the script, by design (ranks > 0 do not repeat rank 0's messages, logs and files)."
+)
+RANK_ZERO_WARNING = (
+    "Lightning warns on rank 0 only (rank_zero_warn); the test expects the warning on every rank." + BEFORE_SETUP
+)
 DIVERGED = (
     " Rank 1 then leaves the test while rank 0 goes on to its next collective and waits for rank 1: the stall detector "
     "ends the job, as it must."
@@ -18,18 +25,18 @@ DIVERGED = (
 
 RANK_ZERO_MESSAGE = (
     "Lightning prints this message or gives this warning on rank 0 only (rank_zero_info / rank_zero_warn, also "
-    "ModelPruning's and the Timer's messages); the test looks for it on every rank."
+    "ModelPruning's and the Timer's messages); the test looks for it on every rank." + BEFORE_SETUP
 )
 LOGGER_ON_RANK_ZERO = (
     "Lightning's loggers act on rank 0 only (log_metrics, log_hyperparams, save and finalize are rank_zero_only, "
     "the experiment is rank_zero_experiment, the version and directories are made by rank 0); the test inspects the "
-    "logger's calls, files or version on every rank."
+    "logger's calls, files or version on every rank." + BEFORE_SETUP
 )
 DTYPE_LEFT_BY_AN_EARLIER_TEST = (
     "core/test_metric_result_integration.py::test_metric_result_respects_dtype fails on rank 1 (it expects a warning "
     "Lightning gives on rank 0) before it sets torch's default dtype back, so every later test builds float64 models "
-    "on rank 1 and float32 ones on rank 0: MPIStrategy refuses replicas that differ (DDP fails these with the dtype "
-    "mismatch too, or times out). The harness now resets the default dtype after each test."
+    "on rank 1 and float32 ones on rank 0: MPIStrategy refuses replicas that differ. The harness now resets the "
+    "default dtype after each test (this run predates that)."
 )
 TUNER_REFUSES_DISTRIBUTED = (
     "Lightning's tuner refuses distributed strategies ('Tuning the batch size is currently not supported with "
@@ -48,20 +55,205 @@ NONE_FROM_TRAINING_STEP = (
     "Lightning refuses a training_step that returns None with every distributed strategy ('Skipping the "
     "training_step by returning None in distributed training is not supported')."
 )
+PROGRESS_BAR_UNDER_A_LAUNCHER = (
+    "Lightning's progress bar is disabled on ranks > 0 (ProgressBar.setup), so the bar's counts, refreshes and "
+    "prints the test checks happen on rank 0 only (DDP fails it on rank 1 too). Where rank 0 fails as well, the test "
+    "uses Lightning's default bar, which MPIStrategy replaces under a launcher with EpochLines (one line per epoch: "
+    "Lightning's bar prints blank lines through an MPI launcher); its tqdm bars do not draw or count."
+)
+WORLD_SIZE_IS_THE_LAUNCHERS = (
+    "The test assigns trainer.strategy.world_size; the world size of MPIStrategy (as of Lightning's "
+    "ParallelStrategy, DDP included) comes from the launcher and cannot be set."
+)
 DISTRIBUTED_SAMPLER_INJECTED = (
     "Lightning injects a DistributedSampler for distributed strategies; the test checks for one process's "
     "SequentialSampler."
 )
 
 REASONS: list[tuple[str, str]] = [
+    # -- the wider selection: categories (generated from the failures of the run, grouped by file) ----------
+    (
+        r"callbacks/test_finetuning_callback\.py::(test_finetuning_callback_warning|test_unfreeze_and_add_param_group_function)\b",
+        RANK_ZERO_MESSAGE,
+    ),
+    (
+        r"callbacks/test_lr_monitor\.py::(test_log_momentum_no_momentum_optimizer|test_log_momentum_no_momentum_optimizer_no_lr_scheduler)\b",
+        RANK_ZERO_MESSAGE,
+    ),
+    (r"callbacks/test_stochastic_weight_avg\.py::(test_swa_warns)\b", RANK_ZERO_MESSAGE),
+    (r"callbacks/test_timer\.py::(test_timer_stops_training|test_trainer_flag)\b", RANK_ZERO_MESSAGE),
+    (
+        r"core/test_metric_result_integration\.py::(test_logger_sync_dist|test_metric_result_respects_dtype)\b",
+        RANK_ZERO_MESSAGE,
+    ),
+    (
+        r"loops/test_training_epoch_loop\.py::(test_resume_mid_epoch_warning|test_should_stop_early_stopping_conditions_not_met)\b",
+        RANK_ZERO_MESSAGE,
+    ),
+    (
+        r"loops/test_training_loop\.py::(test_eval_mode_warning|test_fit_loop_done_log_messages|test_should_stop_early_stopping_conditions_met)\b",
+        RANK_ZERO_MESSAGE,
+    ),
+    (
+        r"loops/test_training_loop_flow_scalar\.py::(test_train_step_no_return|test_training_step_no_return_when_even|test_training_step_none_batches)\b",
+        RANK_ZERO_MESSAGE,
+    ),
+    (r"models/test_hparams\.py::(test_nn_modules_warning_when_saved_as_hparams)\b", RANK_ZERO_MESSAGE),
+    (r"models/test_restore\.py::(test_restarting_mid_epoch_raises_warning)\b", RANK_ZERO_MESSAGE),
+    (
+        r"models/test_torchscript\.py::(test_to_torchscript_deprecation|test_torchcript_invalid_method|test_torchscript_device|test_torchscript_device_with_check_inputs|test_torchscript_example_input_output_trace|test_torchscript_input_output|test_torchscript_input_output_trace|test_torchscript_properties|test_torchscript_retain_training_state|test_torchscript_save_load|test_torchscript_save_load_custom_filesystem|test_torchscript_script_recursively|test_torchscript_with_no_input)\b",
+        RANK_ZERO_MESSAGE,
+    ),
+    (
+        r"trainer/connectors/test_callback_connector\.py::(test_attach_model_callbacks_override_info)\b",
+        RANK_ZERO_MESSAGE,
+    ),
+    (
+        r"trainer/connectors/test_checkpoint_connector\.py::(test_stateful_trainer_ckpt_path_support)\b",
+        RANK_ZERO_MESSAGE,
+    ),
+    (
+        r"trainer/connectors/test_data_connector\.py::(TestDataHookSelector::test_override_both_model_and_datamodule|TestDataHookSelector::test_with_datamodule_override_model|test_eval_distributed_sampler_warning|test_non_sequential_sampler_warning_is_raised_for_eval_dataloader|test_worker_check|test_worker_check_reload_dataloaders_every_n_epochs_limitations)\b",
+        RANK_ZERO_MESSAGE,
+    ),
+    (
+        r"trainer/flags/test_barebones\.py::(test_barebones_argument_selection|test_barebones_disables_logging)\b",
+        RANK_ZERO_MESSAGE,
+    ),
+    (r"trainer/flags/test_fast_dev_run\.py::(test_skip_on_fast_dev_run_tuner)\b", RANK_ZERO_MESSAGE),
+    (r"trainer/flags/test_limit_batches\.py::(test_limit_batches_info_message)\b", RANK_ZERO_MESSAGE),
+    (
+        r"trainer/flags/test_overfit_batches\.py::(test_overfit_batches_raises_warning_in_case_of_sequential_sampler)\b",
+        RANK_ZERO_MESSAGE,
+    ),
+    (r"trainer/flags/test_val_check_interval\.py::(test_val_check_interval_info_message)\b", RANK_ZERO_MESSAGE),
+    (r"loggers/test_all\.py::(test_loggers_fit_test_all)\b", LOGGER_ON_RANK_ZERO),
+    (
+        r"loggers/test_comet\.py::(test_comet_epoch_logging|test_comet_experiment_is_still_alive_after_training_complete|test_comet_log_graph|test_comet_log_hyperparams)\b",
+        LOGGER_ON_RANK_ZERO,
+    ),
+    (
+        r"loggers/test_csv\.py::(test_append_columns|test_append_metrics_file|test_automatic_versioning|test_csv_logger_remotefs|test_flush_n_steps|test_log_hyperparams|test_log_metrics|test_manual_versioning|test_manual_versioning_file_exists|test_metrics_reset_after_save|test_named_version|test_no_name)\b",
+        LOGGER_ON_RANK_ZERO,
+    ),
+    (
+        r"loggers/test_litlogger\.py::(test_litlogger_experiment_property|test_litlogger_experiment_reuses_existing|test_litlogger_finalize|test_litlogger_get_file|test_litlogger_log_file|test_litlogger_log_graph_warning|test_litlogger_log_hyperparams_dict|test_litlogger_log_hyperparams_namespace|test_litlogger_log_metrics|test_litlogger_log_metrics_with_prefix|test_litlogger_log_model|test_litlogger_log_model_artifact|test_litlogger_log_model_artifact_uses_step_as_default_version|test_litlogger_log_model_uses_step_as_default_version|test_litlogger_metadata_in_init|test_litlogger_save_logs_option|test_litlogger_url_property|test_litlogger_version_property|test_litlogger_with_trainer)\b",
+        LOGGER_ON_RANK_ZERO,
+    ),
+    (
+        r"loggers/test_logger\.py::(test_custom_logger|test_multiple_loggers|test_multiple_loggers_pickle|test_np_sanitization)\b",
+        LOGGER_ON_RANK_ZERO,
+    ),
+    (
+        r"loggers/test_mlflow\.py::(test_mlflow_experiment_id_retrieved_once|test_mlflow_log_dir|test_mlflow_log_model|test_mlflow_logger_exists|test_mlflow_logger_experiment_calls|test_mlflow_logger_experiment_calls_with_synchronous|test_mlflow_logger_finalize|test_mlflow_logger_finalize_when_exception|test_mlflow_logger_with_long_param_value|test_mlflow_logger_with_many_params|test_mlflow_logger_with_unexpected_characters|test_mlflow_run_id_setting|test_set_tracking_uri)\b",
+        LOGGER_ON_RANK_ZERO,
+    ),
+    (
+        r"loggers/test_wandb\.py::(test_wandb_log_media|test_wandb_log_model|test_wandb_log_model_with_score|test_wandb_logger_dirs_creation|test_wandb_logger_download_artifact|test_wandb_logger_init|test_wandb_logger_init_before_spawn|test_wandb_logger_sync_tensorboard|test_wandb_logger_sync_tensorboard_log_metrics|test_wandb_pickle)\b",
+        LOGGER_ON_RANK_ZERO,
+    ),
+    (
+        r"core/test_saving\.py::(test_load_from_checkpoint_map_location_automatic|test_load_from_checkpoint_map_location_cpu|test_load_from_checkpoint_strict|test_load_from_checkpoint_warn_on_empty_state_dict)\b",
+        DTYPE_LEFT_BY_AN_EARLIER_TEST,
+    ),
+    (r"models/test_amp\.py::(test_amp_cpus|test_precision_16_clip_gradients)\b", DTYPE_LEFT_BY_AN_EARLIER_TEST),
+    (
+        r"models/test_cpu\.py::(test_default_logger_callbacks_cpu_model|test_lbfgs_cpu_model)\b",
+        DTYPE_LEFT_BY_AN_EARLIER_TEST,
+    ),
+    (
+        r"models/test_hooks\.py::(test_on_before_zero_grad_called|test_on_train_epoch_end_metrics_collection|test_train_eval_mode_restored)\b",
+        DTYPE_LEFT_BY_AN_EARLIER_TEST,
+    ),
+    (
+        r"models/test_hparams\.py::(test_args|test_collect_init_arguments|test_dict_hparams|test_explicit_args_hparams|test_explicit_missing_args_hparams|test_hparams_pickle_warning|test_ignore_args_list_hparams|test_implicit_args_hparams|test_load_past_checkpoint|test_model_ignores_non_exist_kwargument|test_model_nohparams_train_test|test_model_save_hyper_parameters_interpolation_with_hydra|test_model_with_fsspec_as_parameter|test_namespace_hparams|test_omega_conf_hparams)\b",
+        DTYPE_LEFT_BY_AN_EARLIER_TEST,
+    ),
+    (r"loggers/test_all\.py::(test_logger_reset_correctly)\b", TUNER_REFUSES_DISTRIBUTED),
+    (
+        r"tuner/test_lr_finder\.py::(test_exponential_vs_linear_mode_gradient_difference|test_lr_finder_callback_applies_lr_after_restore)\b",
+        TUNER_REFUSES_DISTRIBUTED,
+    ),
+    (
+        r"tuner/test_scale_batch_size\.py::(test_auto_scale_batch_size_duplicate_attribute_warning|test_auto_scale_batch_size_set_datamodule_attribute|test_auto_scale_batch_size_set_model_attribute|test_batch_size_finder_callback|test_batch_size_finder_callback_val_batches|test_batch_size_finder_with_multiple_eval_dataloaders|test_call_to_trainer_method|test_dataloader_batch_size_updated_on_failure|test_dataloader_reset_with_scale_batch_size|test_error_on_dataloader_passed_to_fit|test_scale_batch_size_checkpoint_cleanup_on_error|test_scale_batch_size_fails_with_unavailable_mode|test_scale_batch_size_margin_and_max_val|test_scale_batch_size_max_trials_modes|test_scale_batch_size_max_val_limit|test_scale_batch_size_method_with_model_or_datamodule|test_scale_batch_size_no_trials|test_trainer_reset_correctly|test_tuner_with_evaluation_methods)\b",
+        TUNER_REFUSES_DISTRIBUTED,
+    ),
+    (r"tuner/test_tuning\.py::(test_tuner_with_already_configured_batch_size_finder)\b", TUNER_REFUSES_DISTRIBUTED),
+    (
+        r"trainer/connectors/test_accelerator_connector\.py::(test_accelerator_cpu_with_devices|test_benchmark_option|test_connector_auto_selection|test_ddp_fork_on_unsupported_platform|test_strategy_choice_cpu_instance|test_strategy_choice_cpu_str|test_strategy_choice_ddp_cpu_slurm|test_strategy_choice_ddp_cuda|test_strategy_choice_ddp_fork_cpu|test_strategy_choice_ddp_fork_in_interactive|test_strategy_choice_ddp_slurm|test_strategy_choice_ddp_spawn_cpu|test_strategy_str_passed_being_case_insensitive)\b",
+        HARNESS_REPLACED_THE_STRATEGY,
+    ),
+    (
+        r"callbacks/test_weight_averaging\.py::(test_ema|test_ema_configure_model|test_ema_resume)\b",
+        HALF_THE_BATCHES_PER_RANK,
+    ),
+    (
+        r"loops/test_fetchers\.py::(test_fetching_dataloader_iter_opt|test_step_methods_with_dataloader_iter|test_stop_iteration_with_dataloader_iter|test_training_step_with_dataloader_iter|test_transfer_hooks_with_unpacking)\b",
+        HALF_THE_BATCHES_PER_RANK,
+    ),
+    (
+        r"loops/test_loops\.py::(test_fit_can_fail_during_validation|test_loop_state_on_complete_run)\b",
+        HALF_THE_BATCHES_PER_RANK,
+    ),
+    (
+        r"trainer/connectors/test_data_connector\.py::(test_dataloader_reinit_for_subclass|test_loader_detaching)\b",
+        HALF_THE_BATCHES_PER_RANK,
+    ),
+    (
+        r"trainer/flags/test_check_val_every_n_epoch\.py::(test_check_val_every_n_epoch_with_max_steps)\b",
+        HALF_THE_BATCHES_PER_RANK,
+    ),
+    (r"trainer/flags/test_limit_batches\.py::(test_num_dataloader_batches)\b", HALF_THE_BATCHES_PER_RANK),
+    (r"trainer/flags/test_overfit_batches\.py::(test_overfit_basic)\b", HALF_THE_BATCHES_PER_RANK),
+    (r"loops/test_fetchers\.py::(test_fetching_dataloader_iter_opt)\b", NONE_FROM_TRAINING_STEP),
+    (r"loops/test_loops\.py::(test_fit_loop_save_and_restore_dataloaders)\b", NONE_FROM_TRAINING_STEP),
+    (
+        r"loops/test_training_epoch_loop\.py::(test_training_loop_dataloader_iter_multiple_dataloaders)\b",
+        NONE_FROM_TRAINING_STEP,
+    ),
+    (r"trainer/connectors/test_signal_connector\.py::(test_sigterm_handler_can_be_added)\b", NONE_FROM_TRAINING_STEP),
+    (r"trainer/flags/test_min_max_epochs\.py::(test_max_epochs_not_set_warning)\b", NONE_FROM_TRAINING_STEP),
+    (r"tuner/test_lr_finder\.py::(test_lr_finder_training_step_none_output)\b", NONE_FROM_TRAINING_STEP),
+    (r"trainer/flags/test_overfit_batches\.py::(test_overfit_batch_limits_eval)\b", DISTRIBUTED_SAMPLER_INJECTED),
+    (
+        r"loops/test_loops\.py::test_workers_are_shutdown",
+        "Lightning re-creates the loaders with a distributed sampler, so the loader instances whose worker shutdowns "
+        "the test records are not the ones that run (DDP fails it too).",
+    ),
+    (
+        r"loops/test_training_loop\.py::test_training_starts_with_seed",
+        "The test's expectation rests on one process's random stream; with 2 ranks the strategy re-seeds at setup "
+        "(as DDP does) and each rank draws its own batches (DDP fails it too).",
+    ),
+    (
+        r"trainer/connectors/test_data_connector\.py::test_error_raised_with_insufficient_float_limit_train_dataloader",
+        HALF_THE_BATCHES_PER_RANK,
+    ),
+    (r"callbacks/progress/test_tqdm_progress_bar\.py::", PROGRESS_BAR_UNDER_A_LAUNCHER),
+    (r"loops/optimization/test_automatic_loop\.py::test_skip_training_step_not_allowed", WORLD_SIZE_IS_THE_LAUNCHERS),
+    (
+        r"models/test_restore\.py::test_callbacks_state_fit_ckpt_path",
+        (
+            "ModelCheckpoint on rank 1 tracks rank 1's own, unsynchronised metric (self.log without sync_dist), while "
+            "the checkpoint it resumes from holds rank 0's callback state; the test compares the two on every rank."
+        ),
+    ),
     # -- the wider selection: tests of their own -------------------------------------------------------------------
     (r"callbacks/test_pruning\.py::test_sparsity_calculation", RANK_ZERO_MESSAGE),
     (
         r"core/test_metric_result_integration\.py::(test_metric_result_dtype_promotion"
-        r"|test_metric_result_precision_no_lower_than_float32)|models/test_hparams\.py::test_adding_datamodule_hparams",
+        r"|test_metric_result_precision_no_lower_than_float32|test_compute_not_a_tensor_raises)"
+        r"|models/test_hparams\.py::test_adding_datamodule_hparams",
         DTYPE_LEFT_BY_AN_EARLIER_TEST,
     ),
-    (r"trainer/flags/test_val_check_interval\.py::test_time_and_epoch_gated_val_check", HALF_THE_BATCHES_PER_RANK),
+    (
+        r"trainer/flags/test_val_check_interval\.py::test_time_and_epoch_gated_val_check",
+        (
+            "The test fakes the clock by counting calls to time.monotonic (each call is one second); MPIStrategy calls "
+            "it too (the stall monitor around every collective, the progress lines), which moves the fake clock on. "
+            "Validation itself is scheduled by Lightning alike."
+        ),
+    ),
     (
         r"trainer/connectors/test_checkpoint_connector\.py::test_ckpt_for_fsspec",
         "The test's memory:// filesystem lives in each process: rank 1 does not see the file rank 0 wrote.",
@@ -115,8 +307,7 @@ REASONS: list[tuple[str, str]] = [
         r"test_model_checkpoint_to_yaml|test_model_checkpoint_link_checkpoint|test_model_checkpoint_save_last\[link\]",
         (
             "Both ranks write the same file of the shared tmp_path (the test calls it on every rank): two "
-            "writers race, as "
-            "under DDP."
+            "writers race, as under DDP (it passes or fails by timing under either strategy)."
         ),
     ),
     (

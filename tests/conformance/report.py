@@ -165,7 +165,7 @@ def render(configs: dict[str, dict[str, Any]]) -> str:
                 injected = "yes" if test.get("injected") else "no"
                 reason = reason_for(n, configs[label]["world_size"])
                 why = f" {reason or '**not explained: a defect until shown otherwise**'} |" if explained else ""
-                calibration = f" {_bucket(ddp.get(n, {}).get('outcome', 'not run'))} |" if ddp is not None else ""
+                calibration = f" {_bucket(ddp[n]['outcome']) if n in ddp else 'not run'} |" if ddp is not None else ""
                 lines.append(
                     f"| `{n.removeprefix('tests/tests_pytorch/')}` | {outcome} | {injected} | {_first_line(test)} |"
                     f"{calibration}{why}"
