@@ -14,9 +14,10 @@ different run directories), and every rank writes ``.hydra/`` and appends to one
   console (Python warnings, Lightning's messages and Hydra's sweep lines included: see
   :mod:`lightning_mpi.console`); its values are the same strings on every rank (the rank is read by resolvers),
   so ``multirun.yaml`` is identical on every rank;
-- the ``strategy/mpi_strategy`` config: the typed schema of :class:`~lightning_mpi.MPIStrategy`'s arguments, for an
-  application's strategy configs to extend (``defaults: [mpi_strategy]``), so that a misspelt key fails when the
-  configuration is composed;
+- the ``lightning_mpi/strategy_schema`` config: the typed schema of :class:`~lightning_mpi.MPIStrategy`'s arguments,
+  for an application's strategy configs to extend (``defaults: [/lightning_mpi/strategy_schema@_here_]``), so
+  that a misspelt key fails when the configuration is composed; not a strategy to choose, so ``--help`` does not
+  offer it as one;
 - multirun must pair job ``i`` across ranks, which only the basic sweeper and launcher guarantee: others are
   refused with a clear error under MPI;
 - sweeps as Slurm jobs: ``python train.py -m hydra/launcher=submitit_slurm ...`` (hydra-submitit-launcher) runs
@@ -66,7 +67,7 @@ PER_RANK_HYDRA = {
 
 @dataclass
 class MPIStrategyConfig:
-    """The arguments of :class:`~lightning_mpi.MPIStrategy` (the ``strategy/mpi_strategy`` schema).
+    """The arguments of :class:`~lightning_mpi.MPIStrategy` (the ``lightning_mpi/strategy_schema`` config).
 
     The mode's options (``every_n_steps`` ... ``pseudo_gradient_dtype``, owned by the policy classes of
     :mod:`lightning_mpi.policies`) are ``None`` here when not given: :func:`mpi_strategy` passes on only those
@@ -102,12 +103,14 @@ def mpi_strategy(sync: str = "allreduce", **arguments: Any) -> Any:
 
 
 def register_configs() -> None:
-    """Store ``mpi_hydra`` and ``strategy/mpi_strategy`` in Hydra's ConfigStore (see the module documentation)."""
+    """Store ``mpi_hydra`` and ``lightning_mpi/strategy_schema`` in Hydra's ConfigStore (see the module
+    documentation)."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     store.store(name="mpi_hydra", node=PER_RANK_HYDRA, package="_global_")
-    store.store(group="strategy", name="mpi_strategy", node=MPIStrategyConfig)
+    # Not in the "strategy" group: it is the schema strategy configs extend, not a strategy to choose.
+    store.store(group="lightning_mpi", name="strategy_schema", node=MPIStrategyConfig)
 
 
 def run_stamp() -> str:

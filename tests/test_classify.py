@@ -201,3 +201,14 @@ def test_speedup_and_kfold_tables() -> None:
     }  # fmt: skip
     (rows,) = classify_report.group([fold])[0].values()
     assert "| 2 | 0 | 97.00 ± 1.00 % | 98.00 % | 97.50 % | 60.0 | 115.0 | 10 |" in classify_report.kfold_table(rows)
+
+
+def test_help_offers_the_strategies_not_the_schema() -> None:
+    import subprocess
+    import sys
+
+    from tests.mpirun import ROOT
+
+    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "classify.py"), "--help"], capture_output=True,
+                         text=True, timeout=120, check=True, cwd=ROOT)  # fmt: skip
+    assert "strategy: allreduce, average, ensemble, single" in run.stdout
