@@ -252,7 +252,8 @@ class MPIStrategy(ParallelStrategy):
         if trainer.state.stage == RunningStage.TRAINING:
             if self._fast_tensor_batches and TensorBatches.applies_to(dataloader):
                 dataloader = TensorBatches(dataloader)  # type: ignore[arg-type]
-            assert self._uneven is not None
+            if self._uneven is None:  # loaders prepared before the strategy's setup (Lightning's tests do): as they are
+                return dataloader
             return self._uneven.loader(dataloader, self._module)
         return self._evaluation.loader(self._policy, trainer, dataloader)
 
