@@ -45,18 +45,13 @@ class MPIStrategy(ParallelStrategy):
     """Train one model replica per MPI rank; launch with ``mpirun -n N python train.py`` (or ``srun``).
 
     Args:
-        sync: how ranks are combined: ``"allreduce"`` (gradients averaged after every stepping backward, see
-            :class:`~lightning_mpi.policies.GradientAllreduce`), ``"average"`` (local SGD and DiLoCo, see
-            :class:`~lightning_mpi.policies.ParameterAveraging`), ``"ensemble"`` (one member per rank, combined at
-            evaluation, see :class:`~lightning_mpi.policies.Ensemble`), or a policy object.
-        **options: the options of the mode ``sync`` names, documented by its class
-            (``MPIStrategy("average", every_n_steps=8)`` is ``MPIStrategy(ParameterAveraging(every_n_steps=8))``);
-            an option of another mode is refused, naming the mode it belongs to.
-        num_threads: torch threads per rank. Default: ``OMP_NUM_THREADS`` if set, else the cores this rank may
-            use divided by the ranks sharing them.
-        timeout: seconds any collective may take before the job is reported as stalled and aborted
-            (``None`` or ``0``: wait forever). The job's communicator is shared by all strategies of a process: the
-            strategy that sets up last decides.
+        sync: ``"allreduce"`` (:class:`~lightning_mpi.policies.GradientAllreduce`), ``"average"`` (local SGD and
+            DiLoCo: :class:`~lightning_mpi.policies.ParameterAveraging`), ``"ensemble"``
+            (:class:`~lightning_mpi.policies.Ensemble`), or a policy object.
+        **options: the options of the mode ``sync`` names, documented by its class; one of another mode is refused.
+        num_threads: torch threads per rank (default: ``OMP_NUM_THREADS``, else this rank's share of its cores).
+        timeout: seconds a collective may take before the job is reported as stalled and aborted (``None`` or
+            ``0``: never); the job's communicator is shared: the strategy that sets up last decides.
         on_nonfinite: when any rank's gradients hold NaN or inf after backward: ``"ignore"``, ``"skip"`` or
             ``"raise"``, the same decision on every rank (see :class:`~lightning_mpi.nonfinite.NonFiniteGradients`).
         fast_tensor_batches: serve the training batches of a plain ``DataLoader`` over a ``TensorDataset`` by
@@ -179,16 +174,12 @@ class MPIStrategy(ParallelStrategy):
             return {"num_replicas": self.world_size, "rank": self.global_rank}
         return {"num_replicas": 1, "rank": 0}
 
-    def set_world_ranks(self) -> None:
-        """Tell Lightning's rank-zero utilities who is rank 0 (no MPI call: the launcher's variables suffice)."""
-        _lightning.set_rank_zero(self.global_rank)
-
     @override
     def setup_environment(self) -> None:
         comm = self.comm
         check_launch(self.parallel_devices or [], self.num_nodes, comm)
         self._stop, self._uneven = StopAgreement(comm), UnevenInputs(comm)
-        self.set_world_ranks()
+        _lightning.set_rank_zero(self.global_rank)
         abort_on_uncaught_exceptions(comm)
         threads = choose_threads(self._num_threads, comm.local_size)
         torch.set_num_threads(threads.number)
@@ -252,9 +243,8 @@ class MPIStrategy(ParallelStrategy):
         if trainer.state.stage == RunningStage.TRAINING:
             if self._fast_tensor_batches and TensorBatches.applies_to(dataloader):
                 dataloader = TensorBatches(dataloader)  # type: ignore[arg-type]
-            if self._uneven is None:  # loaders prepared before the strategy's setup (Lightning's tests do): as they are
-                return dataloader
-            return self._uneven.loader(dataloader, self._module)
+            # Loaders prepared before the strategy's setup (Lightning's own tests do) stay as they are.
+            return self._uneven.loader(dataloader, self._module) if self._uneven is not None else dataloader
         return self._evaluation.loader(self._policy, trainer, dataloader)
 
     # -- communication for Lightning ---------------------------------------------------------------------
