@@ -34,9 +34,11 @@ LOGGER_ON_RANK_ZERO = (
 )
 DTYPE_LEFT_BY_AN_EARLIER_TEST = (
     "core/test_metric_result_integration.py::test_metric_result_respects_dtype fails on rank 1 (it expects a warning "
-    "Lightning gives on rank 0) before it sets torch's default dtype back, so every later test builds float64 models "
-    "on rank 1 and float32 ones on rank 0: MPIStrategy refuses replicas that differ. The harness now resets the "
-    "default dtype after each test (this run predates that)."
+    "Lightning gives on rank 0, here before the strategy's setup, which lightning-mpi keeps off rank 1 by design) "
+    "before it sets torch's default dtype back, so every later test builds float64 models on rank 1 and float32 ones "
+    "on rank 0: MPIStrategy refuses replicas that differ. Under DDP rank 1 still warns then, passes that test and "
+    "leaves the dtype alone, so these tests pass there. The harness now resets the default dtype after each test "
+    "(this run predates that)."
 )
 TUNER_REFUSES_DISTRIBUTED = (
     "Lightning's tuner refuses distributed strategies ('Tuning the batch size is currently not supported with "
@@ -45,7 +47,8 @@ TUNER_REFUSES_DISTRIBUTED = (
 )
 HARNESS_REPLACED_THE_STRATEGY = (
     "The test checks which strategy, launcher or sampler Lightning's connectors choose for the arguments it gives; "
-    "the harness replaced that choice with MPIStrategy (the harness's own artifact)."
+    "the harness replaced that choice with MPIStrategy (the harness's own artifact; with DDP injected instead, a test "
+    "that expects DDP finds it)."
 )
 HALF_THE_BATCHES_PER_RANK = (
     "Each of 2 ranks takes half the data (Lightning's distributed sampler), so counts of batches, steps, updates or "
