@@ -117,9 +117,11 @@ def after_every_trainer_init(check: Callable[[Trainer, dict[str, Any]], None]) -
 
     @functools.wraps(init)
     def checked_init(trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        # As given: Lightning adds its default callbacks to the very list it was passed.
+        given = {k: list(v) if isinstance(v, list) else v for k, v in kwargs.items()}
         init(trainer, *args, **kwargs)
         for after in _AFTER_INIT:
-            after(trainer, kwargs)
+            after(trainer, given)
 
     checked_init.lightning_mpi = True  # type: ignore[attr-defined]
     Trainer.__init__ = checked_init  # type: ignore[method-assign,assignment]

@@ -89,16 +89,28 @@ def test_lightning_default_hooks_and_replacements_on_the_instance():
     assert not _lightning.is_lightning_default(Overriding(), LightningModule, hook)
 
 
-def test_after_every_trainer_init_runs_once_per_trainer():
-    seen: list[Trainer] = []
+def test_after_every_trainer_init_runs_once_per_trainer_with_the_arguments_as_given():
+    seen: list[tuple[Trainer, dict]] = []
+
+    def record(trainer: Trainer, arguments: dict) -> None:
+        seen.append((trainer, arguments))
+
+    from lightning.pytorch.callbacks import Callback
+
     original = Trainer.__init__
+    given = Callback()
+    mine = [given]
     try:
-        _lightning.after_every_trainer_init(seen.append)
-        _lightning.after_every_trainer_init(seen.append)  # idempotent: installed once
-        trainer = Trainer(accelerator="cpu", logger=False)
-        assert seen == [trainer]
+        _lightning.after_every_trainer_init(record)
+        _lightning.after_every_trainer_init(record)  # idempotent: installed once
+        trainer = Trainer(accelerator="cpu", logger=False, callbacks=mine)
+        assert [t for t, _ in seen] == [trainer]
+        # Lightning appends its default callbacks to the list it was given; the check sees the list as given
+        assert seen[0][1]["callbacks"] == [given]
+        assert trainer.progress_bar_callback in mine
     finally:
         Trainer.__init__ = original
+        _lightning._AFTER_INIT.remove(record)
 
 
 def _without_launcher(extra: dict[str, str]) -> dict[str, str]:
