@@ -133,8 +133,8 @@ def test_srun_pmix_with_open_mpi_trains_like_one_process(cluster, tmp_path):
 def test_srun_pmi2_with_mpich_trains_like_one_process(cluster, tmp_path):
     if not MPICH_PYTHON.exists():
         pytest.skip(
-            f"no MPICH environment at {MPICH_PYTHON}: .ci/run creates it (python -m venv "
-            "--system-site-packages build/mpich-venv && build/mpich-venv/bin/pip install mpich)"
+            f"no MPICH environment at {MPICH_PYTHON}: .ci/run creates it (a virtual environment that sees this one's "
+            "packages, plus pip install -e '.[mpich]')"
         )
     srun(cluster, ["--mpi=pmi2", "-n", "2"], scenario("launch", tmp_path), python=MPICH_PYTHON)
     records = check_launch_scenario(tmp_path, "MPICH")

@@ -147,9 +147,9 @@ def test_ensemble_members_differ_and_vote_alike_on_every_rank(launched):
     assert len({rank["ensemble_test_loss"] for rank in ranks}) == 1
 
 
+@pytest.mark.parametrize("launched", [16], indirect=True, ids=["16ranks"])  # the 16-rank launch, reused
 def test_averaging_checkpoint_of_16_ranks_resumes_at_4_and_1(launched):
-    if launched.world != 16:
-        pytest.skip("written at 16 ranks")
+    assert launched.world == 16
     from tests.mpirun import check, launch_scenario, mpi_env
 
     stored = torch.load(launched.out / "average.ckpt", weights_only=False)["state_dict"]
