@@ -8,7 +8,8 @@ Importing this package never initialises MPI. What it does, all of it:
   (:func:`lightning_mpi._lightning.keep_one_process_runs_away_from_mpi`), and filters one FutureWarning Lightning
   raises about itself (:data:`lightning_mpi._lightning.FOREIGN_WARNINGS`);
 - under an MPI launcher: tells Lightning's rank-zero utilities the rank, keeps ranks > 0 from repeating Lightning's
-  information messages (:mod:`lightning_mpi.console`) and filters Lightning's hint to prefix ``srun``; with several
+  information messages (:mod:`lightning_mpi.console`), makes ``sys.stdout`` line-buffered (as stderr is, so
+  that printed and logged lines keep their order) and filters Lightning's hint to prefix ``srun``; with several
   ranks, wraps ``Trainer.__init__`` to warn when a Trainer gets another strategy and to replace Lightning's
   progress bar by one line per epoch (:mod:`lightning_mpi.progress`).
 """
@@ -34,6 +35,7 @@ if launched_by_mpi():
     # not just once the strategy is set up. The launcher's variables give the rank without initialising MPI.
     _lightning.set_rank_zero(launcher_rank())
     console.quiet_information(launcher_rank())
+    console.line_buffered_stdout()
     _lightning.ignore_srun_hint()
     if launcher_size() > 1:
         warn_about_plain_trainers()

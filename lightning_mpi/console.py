@@ -17,6 +17,7 @@ Your own ``print`` runs on every rank: use ``trainer.print(...)`` (rank 0 of the
 from __future__ import annotations
 
 import logging
+import sys
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -63,6 +64,15 @@ def into_rank_log(rank: int) -> None:
         for handler in consoles:
             logger.removeHandler(handler)
         logger.propagate = True
+
+
+def line_buffered_stdout() -> None:
+    """Flush ``sys.stdout`` at every line, as Python already does ``sys.stderr``. Under a launcher stdout is a pipe,
+    which Python buffers in blocks: ``trainer.print`` lines would reach the console after the log lines (stderr)
+    that followed them, or only when the process ends."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)  # absent where stdout was replaced (captured, a notebook)
+    if reconfigure is not None and not sys.stdout.line_buffering:
+        reconfigure(line_buffering=True)
 
 
 _ANNOUNCED: set[str] = set()

@@ -31,12 +31,38 @@ def is_collective_stop(exception: BaseException) -> bool:
 def end_job_unless_every_rank_failed(comm: Communicator, exception: BaseException) -> None:
     """Return if the exception may propagate (one rank, a SIGTERM stop, or every rank failed); otherwise print
     this rank's traceback and abort every rank of the job. Asks the other ranks once per exception."""
-    if comm.size == 1 or is_collective_stop(exception) or getattr(exception, _AGREED, False):
+    if comm.size == 1 or is_collective_stop(exception) or hasattr(exception, _AGREED):
         return
-    if comm.all_ranks_failed(f"{type(exception).__name__}: {exception}"):
-        setattr(exception, _AGREED, True)
+    summaries = comm.all_ranks_failed(_summary(exception))
+    if summaries is not None:
+        setattr(exception, _AGREED, summaries)
         return
     abort_on_exception(comm, exception)
+
+
+def _summary(exception: BaseException) -> str:
+    return f"{type(exception).__name__}: {exception}"
+
+
+def said_instead_of_traceback(comm: Communicator, exception: BaseException) -> bool:
+    """When every rank failed, only the lowest rank with a given exception prints its traceback: on the others
+    this prints one line naming that rank and returns ``True`` (the caller prints nothing more). ``False`` where
+    this rank's traceback is to be printed (an exception no lower rank reported, or ranks that did not agree)."""
+    summaries: dict[int, str] = getattr(exception, _AGREED, {})
+    mine = _summary(exception)
+    printer = min((r for r, summary in summaries.items() if summary == mine and r < comm.rank), default=None)
+    if printer is None:
+        return False
+    one_line = " ".join(mine.split())
+    if len(one_line) > 160:
+        one_line = one_line[:157] + "..."
+    print(
+        f"[lightning-mpi] rank {comm.rank}/{comm.size}: {one_line} (the same exception as rank {printer}, "
+        "which printed its traceback)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
 
 
 class DecideOnFailure(_Launcher):
@@ -75,7 +101,8 @@ class DecideOnFailure(_Launcher):
 
 
 def abort_on_uncaught_exceptions(comm: Communicator) -> None:
-    """Make an exception that escapes the script (outside any Trainer call) on some ranks only abort the job.
+    """Make an exception that escapes the script (outside any Trainer call) on some ranks only abort the job, and
+    one that every rank raised alike print its traceback once (:func:`said_instead_of_traceback`).
 
     Without this, the failed rank's interpreter exits into ``MPI_Finalize``, which waits for the other ranks
     while they wait in their next collective.
@@ -87,6 +114,8 @@ def abort_on_uncaught_exceptions(comm: Communicator) -> None:
     def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
         if not isinstance(value, (KeyboardInterrupt, SystemExit)):
             end_job_unless_every_rank_failed(comm, value)
+            if said_instead_of_traceback(comm, value):
+                return
         previous(kind, value, tb)
 
     hook.lightning_mpi = True  # type: ignore[attr-defined]

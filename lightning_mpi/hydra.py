@@ -24,6 +24,8 @@ different run directories), and every rank writes ``.hydra/`` and appends to one
   the sweep in this one process, which submits each job once; every job's tasks run the job under ``srun`` with
   an MPI plugin. The per-rank settings of ``mpi_hydra`` are resolved in each task, so each job's files are still
   written once (resolvers are registered in the job's processes too);
+- an exception the task raises on some ranks only ends the job; one that every rank raises alike is printed in
+  full by one rank, the others say which (Hydra alone would print it once per rank);
 - a launch whose processes do not form one MPI world (``srun -n 2`` without ``--mpi``) stops before Hydra
   writes anything (see :func:`lightning_mpi.checks.check_launcher_agrees`).
 
@@ -265,6 +267,20 @@ def _check_launch(in_task: bool) -> None:
         raise SystemExit(f"error: {error}") from None
 
 
+def _fail_together(error: Exception) -> None:
+    """A task that raised under MPI: end the job unless every rank raised; where every rank raised the same
+    exception, ranks other than the first to raise it exit quietly (Hydra would print it once per rank)."""
+    if not launched_by_mpi():
+        return
+    from lightning_mpi.comm import world
+    from lightning_mpi.failure import end_job_unless_every_rank_failed, said_instead_of_traceback
+
+    comm = world()
+    end_job_unless_every_rank_failed(comm, error)
+    if said_instead_of_traceback(comm, error):
+        raise SystemExit(1) from None
+
+
 def mpi_hydra_main(
     config_path: str | None = None, config_name: str | None = None, version_base: str | None = "1.3"
 ) -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:
@@ -285,7 +301,11 @@ def mpi_hydra_main(
             if in_submitit_slurm_job(hydra_config):
                 _check_launch(in_task=True)
             console.into_rank_log(launcher_rank())  # ranks > 0: into this rank's log file, not the shared console
-            return task(cfg)
+            try:
+                return task(cfg)
+            except Exception as error:
+                _fail_together(error)
+                raise
 
         main = hydra.main(config_path=config_path, config_name=config_name, version_base=version_base)(checked)
 

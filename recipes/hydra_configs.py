@@ -1,15 +1,21 @@
 """The recipes' configuration schemas, stored in Hydra's ConfigStore (see conf/forecasting and conf/classification).
 
 Each recipe composes its own config tree, so a group option of the other recipe (``train.py model=cnn``) is
-refused when the configuration is composed, with the valid choices. The schemas type the top-level keys and the
-Trainer's, so ``trainer.max_epochs=abc`` or a misspelt key fails there too.
+refused when the configuration is composed, with the valid choices. The schemas type the top-level keys, the
+Trainer's and each model's (derived from the model class's signature), so ``trainer.max_epochs=abc``,
+``model.hidden_size=fifty`` or a misspelt key fails there too.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from omegaconf import MISSING
 
@@ -124,6 +130,55 @@ OUTPUT_DIRS = {
 }
 
 
+_PLAIN_TYPES = (int, float, bool, str)
+
+
+def _config_type(hint: Any) -> Any:
+    """The OmegaConf type of an argument annotated ``hint``: plain types and Optional or sequences of them as they
+    are, anything else (optimizer factories, transforms) untyped.
+
+    >>> _config_type(int), _config_type(Optional[float]), _config_type(Sequence[int])
+    (<class 'int'>, typing.Optional[float], typing.List[int])
+    >>> _config_type(typing.Callable[..., Any])
+    typing.Any
+    """
+    if hint in _PLAIN_TYPES:
+        return hint
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (Union, types.UnionType) and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1 and inner[0] in _PLAIN_TYPES:
+            return Optional[inner[0]]  # noqa: UP045 - OmegaConf reads Optional
+    if typing.get_origin(hint) in (list, Sequence) and args and args[0] in _PLAIN_TYPES:
+        return typing.List[args[0]]  # type: ignore[valid-type]  # noqa: UP006 - OmegaConf reads typing.List
+    return Any
+
+
+def model_schema(cls: type, *, leave_out: tuple[str, ...] = ()) -> type:
+    """A structured config of ``cls``'s constructor: ``_target_`` and every argument but ``leave_out`` (those the
+    recipe passes itself), typed as annotated and with the same defaults; one source for a model's options.
+
+    >>> Schema = model_schema(dataclasses.make_dataclass("Net", [("width", int, dataclasses.field(default=8))]))
+    >>> [(f.name, f.type, f.default) for f in dataclasses.fields(Schema)][1:]
+    [('width', <class 'int'>, 8)]
+    """
+    hints = typing.get_type_hints(cls.__init__)  # type: ignore[misc]
+    fields: list[tuple[str, Any, Any]] = [("_target_", str, field(default=f"{cls.__module__}.{cls.__qualname__}"))]
+    for name, parameter in inspect.signature(cls).parameters.items():
+        if name in leave_out or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        kind = _config_type(hints.get(name, Any))
+        default = parameter.default
+        if default is parameter.empty:
+            spec = field(default=MISSING)
+        elif isinstance(default, (list, tuple)):
+            spec = field(default_factory=lambda value=list(default): list(value))
+        else:
+            spec = field(default=default)
+        fields.append((name, kind, spec))
+    return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
+
+
 def register() -> None:
     """Store the schemas, the Trainer's ``trainer/default`` and ``output_dirs`` (plus lightning-mpi's configs)."""
     from hydra.core.config_store import ConfigStore
@@ -133,4 +188,22 @@ def register() -> None:
     store.store(name="forecasting_schema", node=ForecastingConfig)
     store.store(name="classification_schema", node=ClassificationConfig)
     store.store(group="trainer", name="default", node=TrainerConfig)
+    for name, model in _models().items():
+        store.store(group="model_schema", name=name, node=model)
     store.store(name="output_dirs", node=OUTPUT_DIRS, package="_global_")
+
+
+def _models() -> dict[str, type]:
+    """The schema of each model config, by the name its config file uses in its defaults list."""
+    from classification.models import CNNClassifier, MLPClassifier
+    from forecasting.models import BiLSTMForecaster, GRUForecaster, LSTMForecaster
+
+    # window, horizon and transform come from the data module (recipes/train.py passes them)
+    forecaster = ("window", "horizon", "transform")
+    return {
+        "lstm": model_schema(LSTMForecaster, leave_out=forecaster),
+        "bilstm": model_schema(BiLSTMForecaster, leave_out=forecaster),
+        "gru": model_schema(GRUForecaster, leave_out=forecaster),
+        "cnn": model_schema(CNNClassifier),
+        "mlp": model_schema(MLPClassifier),
+    }

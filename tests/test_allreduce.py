@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import CASES, batches_per_step, reference_parameters
 from tests.mpirun import Launch, launch_scenario, tcp_only
-from tests.scenarios.common import CASES, batches_per_step, reference_parameters
 
 pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks
 

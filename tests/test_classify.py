@@ -55,6 +55,23 @@ def test_a_forecasting_option_or_a_wrong_type_fails_at_composition() -> None:
         _compose("mode=folds")
 
 
+def test_model_arguments_are_typed_as_the_model_classes_declare_them() -> None:
+    import inspect
+
+    from classification.models import MLPClassifier
+
+    with pytest.raises(ConfigCompositionException, match="hidden_sizes"):
+        _compose("model=mlp", "model.hidden_sizes=[3,x]")
+    with pytest.raises(ConfigCompositionException, match="in_channels"):
+        _compose("model=cnn", "model.in_channels=one")
+    with pytest.raises(ConfigCompositionException, match="hiden_sizes"):
+        _compose("model=mlp", "model.hiden_sizes=[3]")
+    cfg = _compose("model=mlp", "model.hidden_sizes=[32,16]")
+    assert list(cfg.model.hidden_sizes) == [32, 16]
+    # the schema is the class's signature: every argument, no other key
+    assert set(cfg.model) - {"_target_"} == set(inspect.signature(MLPClassifier).parameters)
+
+
 def test_an_added_trainer_key_is_checked_before_the_trainer() -> None:
     # Hydra's own hint for a key the schema lacks is "+trainer.key=value", which bypasses the schema: the recipe
     # names the misspelt argument instead of failing inside Trainer.__init__
@@ -182,6 +199,10 @@ def test_one_process_strategy_is_refused_under_several_ranks(tmp_path: Path) -> 
     assert launched.returncode != 0
     assert "strategy=SingleDeviceStrategy runs one process, but this job has 2 MPI ranks" in launched.stderr
     assert not (tmp_path / "result.json").exists()
+    # raised alike on both ranks: Hydra's report comes once (rank 0's), rank 1 says so in one line
+    assert launched.stderr.count("Error executing job with overrides") == 1, launched.stderr
+    assert "rank 1/2: ValueError: strategy=SingleDeviceStrategy" in launched.stderr
+    assert "(the same exception as rank 0, which printed its traceback)" in launched.stderr
 
 
 def test_speedup_and_kfold_tables() -> None:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lightning_mpi import load_ensemble
+from tests.helpers import DigitClassifier, digits_data
 from tests.mpirun import Launch
-from tests.scenarios.common import DigitClassifier, digits_data
 
 pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks
 

@@ -68,3 +68,20 @@ def test_other_ranks_of_a_hydra_job_log_into_their_file(lightning_logging: None)
         logging.getLogger("py.warnings").addHandler(catcher)
         warnings.warn("from rank 2", UserWarning, stacklevel=1)
     assert [r.getMessage() for r in records if "from rank 2" in r.getMessage()]  # a log record, not a print
+
+
+def test_under_a_launcher_printed_lines_keep_their_order_with_logged_ones() -> None:
+    # stdout and stderr into one pipe, as a launcher forwarding a rank's output: Python buffers a piped stdout in
+    # blocks, so without line buffering "printed" came after "logged"
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys, lightning_mpi; print('printed'); print('logged', file=sys.stderr); print('printed again')"
+    env = {**os.environ, "OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "0"}
+    env.pop("PYTHONUNBUFFERED", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.splitlines()[-3:] == ["printed", "logged", "printed again"]

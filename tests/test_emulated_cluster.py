@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import CASES, reference_parameters
 from tests.mpirun import launcher
-from tests.scenarios.common import CASES, reference_parameters
 from tests.scenarios.emulated import ALLREDUCE_BYTES, MARKER
 from tools.cluster import emulate
 from tools.cluster.emulate import EmulatedCluster, emulated_cluster  # noqa: F401 (the fixture)

@@ -7,8 +7,8 @@ import torch
 from lightning.pytorch import seed_everything
 from torch.utils.data import DataLoader
 
+from tests.helpers import quiet_trainer
 from tests.mpirun import Launch
-from tests.scenarios.common import quiet_trainer
 from tests.scenarios.evaluation import SAMPLES, Evaluated, dataset
 
 pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks

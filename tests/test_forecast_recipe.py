@@ -69,6 +69,16 @@ def test_a_config_key_that_does_not_exist_is_refused() -> None:
         config("strategy=average", "strategy.every_n_step=8")  # the MPIStrategy schema: a misspelt argument
 
 
+@pytest.mark.parametrize("model", ["lstm", "bilstm", "gru"])
+def test_a_model_argument_of_the_wrong_type_fails_at_composition(model: str) -> None:
+    with pytest.raises(ConfigCompositionException, match="model.hidden_size=fifty") as error:
+        config(f"model={model}", "model.hidden_size=fifty")
+    assert "'fifty' of type 'str' could not be converted to Integer" in str(error.value.__cause__)
+    with pytest.raises(ConfigCompositionException, match="model.dropout"):
+        config(f"model={model}", "model.dropout=lots")
+    assert config(f"model={model}", "model.hidden_size=64").model.hidden_size == 64
+
+
 def test_a_classification_option_fails_at_composition_naming_the_choices() -> None:
     with pytest.raises(MissingConfigException, match="Available options in 'model':\n\tbilstm\n\tgru\n\tlstm"):
         config("model=cnn")

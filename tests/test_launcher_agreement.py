@@ -18,7 +18,7 @@ from lightning_mpi import MPIStrategy
 from lightning_mpi.checks import check_launcher_agrees
 from lightning_mpi.comm import launched_by_mpi, launcher_rank, launcher_size, launcher_tasks
 from lightning_mpi.hydra import _check_argv, _RegisterResolvers, check_sweep_plugins, mpi_hydra_main
-from tests.scenarios.common import BATCH, Regressor, quiet_trainer, regression_data
+from tests.helpers import BATCH, Regressor, quiet_trainer, regression_data
 
 JOB = {"SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "2", "SLURM_NPROCS": "2"}
 BATCH_STEP = {**JOB, "SLURM_PROCID": "0"}  # the batch script and the salloc shell: no step task count

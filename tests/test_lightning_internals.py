@@ -22,8 +22,8 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from lightning_mpi import _lightning
 from lightning_mpi.comm import LAUNCHER_VARIABLES
+from tests.helpers import BATCH, Regressor, quiet_trainer, regression_data
 from tests.mpirun import ROOT
-from tests.scenarios.common import BATCH, Regressor, quiet_trainer, regression_data
 
 
 def test_request_stop_is_what_lightning_reads_as_a_received_sigterm():

@@ -9,9 +9,9 @@ import torch
 from lightning.pytorch import seed_everything
 from torch.utils.data import DataLoader
 
+from tests.helpers import BATCH, FixedOrder, distributed_order, quiet_trainer, regression_data
 from tests.mpirun import Launch
 from tests.scenarios import lightning_paths as paths
-from tests.scenarios.common import BATCH, FixedOrder, distributed_order, quiet_trainer, regression_data
 
 pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks
 

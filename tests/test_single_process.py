@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from lightning_mpi import MPIStrategy
 from lightning_mpi.policies import ParameterAveraging
-from tests.scenarios.common import BATCH, build, quiet_trainer, regression_data
+from tests.helpers import BATCH, build, quiet_trainer, regression_data
 
 
 def train(strategy) -> tuple[dict[str, torch.Tensor], Trainer]:
@@ -133,7 +133,7 @@ import resource
 resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))  # an infinite sampler turned into a list fails fast
 from torch.utils.data import DataLoader
 from lightning_mpi import MPIStrategy
-from tests.scenarios.common import quiet_trainer, regression_data
+from tests.helpers import quiet_trainer, regression_data
 from tests.scenarios.lightning_paths import RankShardedStream, StepCollectives
 module = StepCollectives()
 stream = DataLoader(RankShardedStream(regression_data(10)), batch_size=3)
@@ -198,7 +198,7 @@ def test_load_ensemble_refuses_checkpoints_that_run_code(tmp_path):
     import pytest
 
     from lightning_mpi import load_ensemble
-    from tests.scenarios.common import Regressor
+    from tests.helpers import Regressor
 
     member = Regressor().state_dict()
     checkpoint = {
@@ -270,7 +270,7 @@ def test_checkpoint_section_has_a_format_version(tmp_path):
     import pytest
 
     from lightning_mpi.checkpoint import FORMAT_VERSION, SECTION, checkpoint_section
-    from tests.scenarios.common import Regressor
+    from tests.helpers import Regressor
 
     seed_everything(0)
     trainer = quiet_trainer(strategy=MPIStrategy("average", every_n_steps=1), max_steps=2)

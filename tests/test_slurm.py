@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.scenarios.common import CASES, reference_parameters
+from tests.helpers import CASES, reference_parameters
 from tests.scenarios.slurm import MARKER, RESUMED_STEPS, STOPPED_STEPS
 from tools.cluster.slurm import SlurmCluster, pmix_unavailable, private_cluster, unavailable
 

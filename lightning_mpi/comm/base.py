@@ -151,12 +151,13 @@ class Communicator:
         dtype, size and operation) and raises :class:`CollectiveMismatch` with ``reason`` on every rank if not.
         For stretches where ranks may run different code paths (uneven inputs); costs one small exchange each."""
 
-    def all_ranks_failed(self, summary: str, patience: float = 10.0) -> bool:
-        """Called by a rank that failed: whether every other rank failed too (then the failure can propagate on
-        every rank as in one process). ``False`` as soon as some rank waits in a collective (it would wait for
-        this rank forever), or when some rank neither fails nor enters a collective within ``patience`` seconds.
+    def all_ranks_failed(self, summary: str, patience: float = 10.0) -> dict[int, str] | None:
+        """Called by a rank that failed, ``summary`` saying how: if every other rank failed too (then the failure
+        can propagate on every rank as in one process), the ranks' summaries by rank (this rank's at least, the
+        others' where they told it); ``None`` as soon as some rank waits in a collective (it would wait for this
+        rank forever), or when some rank neither fails nor enters a collective within ``patience`` seconds.
         Not a collective: it asks the other ranks what they are doing on a side channel."""
-        return True
+        return {self.rank: summary}
 
 
 class CollectiveMismatch(RuntimeError):

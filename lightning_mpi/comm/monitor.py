@@ -38,6 +38,7 @@ class _Monitor:
         self._last = "none yet"
         #: how many failures this rank has been through; ranks that fail together count alike
         self._failures = 0
+        self._failure = ""  # the latest failure's summary, told to the ranks that ask
         # Status queries travel on a communicator of their own, never mixed with the collectives they watch.
         self._side = comm._comm.Dup()
         self._thread = threading.Thread(target=self._run, name="lightning-mpi-monitor", daemon=True)
@@ -67,7 +68,12 @@ class _Monitor:
 
     def _status(self) -> dict[str, Any]:
         op = self._op
-        status = {"count": self._count, "failures": self._failures, "context": self._comm.context or "no step"}
+        status = {
+            "count": self._count,
+            "failures": self._failures,
+            "failure": self._failure,
+            "context": self._comm.context or "no step",
+        }
         if op is None:
             return {
                 **status,
@@ -148,32 +154,39 @@ class _Monitor:
 
     # -- failures ----------------------------------------------------------------------------------------
 
-    def all_ranks_failed(self, summary: str, patience: float) -> bool:
+    def all_ranks_failed(self, summary: str, patience: float) -> dict[int, str] | None:
+        self._failure = summary
         self._failures += 1
+        summaries = {self._comm.rank: summary}
         others = [r for r in range(self._comm.size) if r != self._comm.rank]
         waiting = list(others)
         deadline = time.monotonic() + patience
         while waiting and time.monotonic() < deadline:
-            if self._told_every_rank_failed():
-                return True
+            told = self._told_every_rank_failed()
+            if told is not None:
+                return {**told, **summaries}
             replies = self._ask_everyone(self._FAILURE_REPLY, 0.5, waiting)
             for rank, status in replies.items():
                 if status["failures"] >= self._failures:
                     waiting.remove(rank)  # failed too (and perhaps already handling it in collectives)
+                    summaries[rank] = status["failure"]
                 elif status["op"] is not None:
-                    return False  # waits in a collective for this rank, which will never come
+                    return None  # waits in a collective for this rank, which will never come
         if waiting:
-            return False
+            return None
         # Tell the others, who may still be asking: a rank that knows may leave (and stop answering) right away.
         for r in others:
-            self._side.send(self._failures, dest=r, tag=self._EVERY_RANK_FAILED)
-        return True
+            self._side.send((self._failures, summaries), dest=r, tag=self._EVERY_RANK_FAILED)
+        return summaries
 
-    def _told_every_rank_failed(self) -> bool:
+    def _told_every_rank_failed(self) -> dict[int, str] | None:
+        """Every rank's summary, if a rank that heard from all of them has said that every rank failed."""
         status = self._comm._MPI.Status()
-        told = False
+        told = None
         while message := self._side.improbe(
             source=self._comm._MPI.ANY_SOURCE, tag=self._EVERY_RANK_FAILED, status=status
         ):
-            told = told or message.recv() >= self._failures  # older verdicts are stale
+            failures, summaries = message.recv()
+            if failures >= self._failures:  # older verdicts are stale
+                told = summaries
         return told

@@ -341,8 +341,10 @@ class MPICommunicator(TensorCollectives, Communicator):
         calls = "; ".join(f"rank {r}: {_describe_call(row)}" for r, row in enumerate(everyone.tolist()))
         raise CollectiveMismatch(f"{reason}\nThe ranks called different collectives here: {calls}.")
 
-    def all_ranks_failed(self, summary: str, patience: float = 10.0) -> bool:
-        return self._monitor is None or self._monitor.all_ranks_failed(summary, patience)
+    def all_ranks_failed(self, summary: str, patience: float = 10.0) -> dict[int, str] | None:
+        if self._monitor is None:
+            return {self.rank: summary}
+        return self._monitor.all_ranks_failed(summary, patience)
 
 
 _CALL_KINDS = (

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from lightning_mpi import MPIStrategy
 from lightning_mpi.comm import world
-from tests.scenarios.common import BATCH, build, quiet_trainer, regression_data, save_rank_results
+from tests.helpers import BATCH, build, quiet_trainer, regression_data, save_rank_results
 
 
 def fit(epochs: int, ckpt_dir: Path | None = None, resume: Path | None = None, sync: str = "allreduce"):

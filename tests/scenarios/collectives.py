@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from lightning_mpi.comm import MPICommunicator, world
-from tests.scenarios.common import save_rank_results
+from tests.helpers import save_rank_results
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8]
 

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from lightning_mpi import MPIStrategy
 from lightning_mpi.comm import world
 from lightning_mpi.voting import hard_vote_scores
-from tests.scenarios.common import (
+from tests.helpers import (
     BATCH,
     DigitClassifier,
     build,

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from lightning_mpi import MPIStrategy
 from lightning_mpi.comm import world
 from lightning_mpi.policies import ParameterAveraging
-from tests.scenarios.common import BATCH, build, quiet_trainer, regression_data, save_rank_results
+from tests.helpers import BATCH, build, quiet_trainer, regression_data, save_rank_results
 
 SYNCS = 3
 NESTEROV = functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 from lightning_mpi import MPIStrategy
 from lightning_mpi.comm import world
 from lightning_mpi.threads import choose_threads
+from tests.helpers import BATCH, Regressor, quiet_trainer, regression_data
 from tests.scenarios import equivalence, evaluation
-from tests.scenarios.common import BATCH, Regressor, quiet_trainer, regression_data
 
 #: bytes of float32 each rank allreduces in `ranks` (their traffic shows on the links' byte counters)
 ALLREDUCE_BYTES = 8 * 2**20

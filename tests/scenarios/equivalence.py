@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from lightning_mpi import MPIStrategy
 from lightning_mpi.comm import world
-from tests.scenarios.common import (
+from tests.helpers import (
     BATCH,
     CASES,
     STEPS,

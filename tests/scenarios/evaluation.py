@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mpi import MPIStrategy
 from lightning_mpi.comm import world
-from tests.scenarios.common import quiet_trainer, save_rank_results
+from tests.helpers import quiet_trainer, save_rank_results
 
 SAMPLES = 101  # prime: never divisible by the number of ranks
 CLASSES = 4

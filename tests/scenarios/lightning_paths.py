@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_mpi import MPIStrategy
 from lightning_mpi.comm import world
-from tests.scenarios.common import (
+from tests.helpers import (
     BATCH,
     FEATURES,
     DigitClassifier,

@@ -5,7 +5,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
 import lightning_mpi  # noqa: F401  (registers strategy="mpi")
-from tests.scenarios.common import BATCH, Regressor, quiet_trainer, regression_data
+from tests.helpers import BATCH, Regressor, quiet_trainer, regression_data
 
 Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
 trainer = quiet_trainer(strategy="mpi", max_steps=1)

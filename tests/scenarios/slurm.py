@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 
 from lightning_mpi import MPIStrategy
 from lightning_mpi.comm import mpi_library, world
+from tests.helpers import BATCH, Regressor, quiet_trainer, regression_data
 from tests.scenarios import equivalence
-from tests.scenarios.common import BATCH, Regressor, quiet_trainer, regression_data
 
 #: steps of the run Slurm stops (a bound: it is stopped long before) and of the resumed run after the stop
 STOPPED_STEPS, RESUMED_STEPS = 1000, 5

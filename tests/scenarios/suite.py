@@ -8,8 +8,8 @@ printed. ``python -m tests.scenarios.suite OUT [SCENARIO ...]``.
 import sys
 from pathlib import Path
 
+from tests.helpers import run_scenarios
 from tests.scenarios import checkpointing, collectives, combining, diloco, equivalence, evaluation, lightning_paths
-from tests.scenarios.common import run_scenarios
 
 SCENARIOS = {
     "collectives": collectives.main,
