@@ -13,6 +13,8 @@ command line.
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -48,10 +50,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     result = _kfold(cfg) if cfg.mode == Mode.kfold else _train(cfg)  # the schema admits only these two
     result["wall_time_s"] = time.perf_counter() - start
+    result["machine"] = machine_load(world().local_size)
     result["config"] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if world().rank == 0:
         _write(result, job_output_dir(cfg))
     return result
+
+
+def machine_load(ranks_on_node: int) -> dict[str, Any]:
+    """What else ran beside the job, for the report to judge its wall times: the node's cores, this job's ranks
+    on it and the 1-minute load average at the end of the run (which counts this job's busy ranks too)."""
+    return {
+        "cores": os.cpu_count() or 1,
+        "ranks_on_node": ranks_on_node,
+        "load_1min": os.getloadavg()[0],
+        "host": platform.node(),
+    }
 
 
 # -- one model (or one ensemble) trained by all ranks ----------------------------------------------------------

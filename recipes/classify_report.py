@@ -80,17 +80,73 @@ def _median(runs: Iterable[Run], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def _baseline(rows: Sequence[Row], row: Row, key: str = "train_time_s") -> float | None:
-    """The median ``key`` of the 1-rank row with the same setting (or any 1-rank row): the sequential model."""
+def _baseline_runs(rows: Sequence[Row], row: Row) -> list[Run] | None:
+    """The runs of the 1-rank row with the same setting (or of any 1-rank row): the sequential model."""
     ones = [r for r in rows if r.ranks == 1]
     same = [r for r in ones if r.setting == row.setting] or ones
-    return _median(same[0].runs, key) if same else None
+    return same[0].runs if same else None
+
+
+def _baseline(rows: Sequence[Row], row: Row) -> float | None:
+    """The sequential model's median training time."""
+    runs = _baseline_runs(rows, row)
+    return _median(runs, "train_time_s") if runs else None
 
 
 def _mean_cpu(run: Run) -> float:
     """CPU seconds of training per rank: the work, unaffected by other jobs sharing the cores."""
     cpu = run["train_cpu_per_rank_s"]
     return sum(cpu) / len(cpu)
+
+
+def _cpu_speedup(rows: Sequence[Row], row: Row) -> float:
+    """The sequential model's CPU seconds over this row's per rank (medians): the speed-up the ranks would show
+    with a core each and nothing else running, which wall times on a busy machine cannot."""
+    runs = _baseline_runs(rows, row)
+    if not runs:
+        return float("nan")
+    return statistics.median(map(_mean_cpu, runs)) / statistics.median(map(_mean_cpu, row.runs))
+
+
+def distortion(machine: dict[str, Any] | None) -> str | None:
+    """Why a run's wall time does not measure the job alone, given the run's ``machine`` record (``None``: not
+    judged): its node had fewer cores than its ranks, or other work kept more cores busy than the job's ranks could
+    (the 1-minute load average at the end of the run exceeded the cores by more than half a core).
+
+    >>> distortion({"cores": 2, "ranks_on_node": 2, "load_1min": 4.1})
+    'load 4.1 on 2 cores'
+    >>> distortion({"cores": 2, "ranks_on_node": 4, "load_1min": 4.0})
+    '4 ranks on 2 cores'
+    >>> distortion({"cores": 2, "ranks_on_node": 2, "load_1min": 2.2}) is None
+    True
+    """
+    if machine is None:
+        return None
+    if machine["ranks_on_node"] > machine["cores"]:
+        return f"{machine['ranks_on_node']} ranks on {machine['cores']} cores"
+    if machine["load_1min"] > machine["cores"] + 0.5:
+        return f"load {machine['load_1min']:.1f} on {machine['cores']} cores"
+    return None
+
+
+def _load(runs: Sequence[Run]) -> str:
+    loads = [r.result["machine"] for r in runs if "machine" in r.result]
+    if not loads:
+        return "-"
+    return f"{statistics.median(m['load_1min'] for m in loads):.1f} / {loads[0]['cores']}"
+
+
+def load_warning(rows: Sequence[Row]) -> str:
+    """A warning naming the rows whose wall times other work (or too few cores) stretched, or ``""``."""
+    distorted = sorted({(row.ranks, why) for row in rows for r in row.runs if (why := distortion(r.result.get("machine")))})
+    if not distorted:
+        return ""
+    which = "; ".join(f"{ranks} rank(s): {why}" for ranks, why in distorted)
+    return (
+        f"\n\n**Wall times distorted** ({which}): other work shared the cores, so the training times, time "
+        "reductions and speed-ups above measure the machine's load, not the job. Read the CPU columns (the work "
+        "per rank), or rerun on an idle machine."
+    )
 
 
 def _percent(runs: Sequence[Run], read: Any) -> str:
@@ -123,6 +179,8 @@ def ensemble_table(rows: Sequence[Row]) -> str:
             "Training time (s)",
             "Time reduction",
             "CPU s / rank",
+            "CPU time reduction",
+            "Load / cores",
         ],
     )
     for row in rows:
@@ -138,14 +196,20 @@ def ensemble_table(rows: Sequence[Row]) -> str:
                 f"{statistics.median(r['metrics'][k] for r in runs):.4f}" for k in ("precision", "recall", "f1")
             )
             + f" | {spread(runs, lambda r: r['train_time_s']).format('{:.1f}')} | {reduction} | "
-            + f"{statistics.median(map(_mean_cpu, runs)):.1f} |"
+            + f"{statistics.median(map(_mean_cpu, runs)):.1f} | {100 * (1 - 1 / _cpu_speedup(rows, row)):.2f} % | "
+            + f"{_load(runs)} |"
         )
     return "\n".join(lines)
 
 
 def speedup_table(rows: Sequence[Row]) -> str:
-    """Speed-up ``T1 / Tn`` and efficiency ``speed-up / n`` of the median training times, with the accuracy."""
-    lines = _head(rows, ["Training time (s)", "Speed-up", "Efficiency", "CPU s / rank", "Accuracy", "F1"])
+    """Speed-up ``T1 / Tn`` and efficiency ``speed-up / n`` of the median training times, beside the speed-up of
+    the CPU seconds per rank, with the accuracy and the machine's load."""
+    lines = _head(
+        rows,
+        ["Training time (s)", "Speed-up", "Efficiency", "CPU s / rank", "CPU speed-up", "Load / cores", "Accuracy",
+         "F1"],
+    )  # fmt: skip
     for row in rows:
         runs, base = row.runs, _baseline(rows, row)
         speedup = base / _median(runs, "train_time_s") if base else float("nan")
@@ -153,6 +217,7 @@ def speedup_table(rows: Sequence[Row]) -> str:
             _lead(rows, row)
             + f"{spread(runs, lambda r: r['train_time_s']).format('{:.1f}')} | {speedup:.2f} | "
             + f"{speedup / row.ranks:.2f} | {statistics.median(map(_mean_cpu, runs)):.1f} | "
+            + f"{_cpu_speedup(rows, row):.2f} | {_load(runs)} | "
             + f"{_percent(runs, lambda r: r['metrics']['acc'])} | "
             + f"{statistics.median(r['metrics']['f1'] for r in runs):.4f} |"
         )
@@ -222,7 +287,8 @@ def _series(rows: Sequence[Row]) -> dict[tuple[tuple[str, Hashable], ...], list[
 
 
 def plot_scaling(rows: Sequence[Row], path: Path, title: str) -> None:
-    """Speed-up and efficiency of the median training time against the number of ranks, with the ideal line."""
+    """Speed-up and efficiency of the median training time against the number of ranks, with the ideal line and
+    the speed-up of the CPU seconds per rank; the title says when load distorted the wall times."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
     ranks_all = sorted({row.ranks for row in rows})
@@ -231,12 +297,15 @@ def plot_scaling(rows: Sequence[Row], path: Path, title: str) -> None:
         ranks = [row.ranks for row in line]
         speedup = [base / _median(row.runs, "train_time_s") if base else float("nan") for row in line]
         label = describe(values) or "measured"
-        left.plot(ranks, speedup, "o-", label=label)
+        (wall,) = left.plot(ranks, speedup, "o-", label=f"{label}, wall time")
+        left.plot(
+            ranks, [_cpu_speedup(rows, row) for row in line], "s:", color=wall.get_color(), label=f"{label}, CPU time"
+        )
         right.plot(ranks, [s / n for s, n in zip(speedup, ranks)], "o-", label=label)
     left.plot(ranks_all, ranks_all, "--", color="grey", label="ideal")
     left.set(
         xlabel="ranks",
-        ylabel="speed-up (median training times)",
+        ylabel="speed-up over 1 rank (medians)",
         title="speed-up",
         xticks=ranks_all,
         ylim=(0, max(ranks_all) + 0.5),
@@ -244,7 +313,7 @@ def plot_scaling(rows: Sequence[Row], path: Path, title: str) -> None:
     left.legend(fontsize=8)
     right.axhline(1.0, ls="--", color="grey")
     right.set(xlabel="ranks", ylabel="efficiency", title="efficiency", xticks=ranks_all, ylim=(0, 1.1))
-    fig.suptitle(title)
+    fig.suptitle(title + (" - wall times distorted by load" if load_warning(rows) else ""))
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
@@ -337,7 +406,10 @@ def report(results: Iterable[Result | Run], out: Path) -> str:
             if any(len(row.runs) > 1 for row in rows)
             else ""
         )
-        parts.append(f"### {experiment} on {data}\n\n{table(mode, rows)}{note}\n")
+        loaded = load_warning(rows)
+        if loaded:
+            warn([f"{experiment} on {data}: {loaded.strip()}"])
+        parts.append(f"### {experiment} on {data}\n\n{table(mode, rows)}{note}{loaded}\n")
         if len({row.ranks for row in rows}) > 1 and mode == "train":
             plot_scaling(rows, out / f"{stem}-scaling.png", f"{experiment} on {data}")
         if mode == "train":

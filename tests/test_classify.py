@@ -213,8 +213,8 @@ def test_speedup_and_kfold_tables() -> None:
     ]  # fmt: skip
     (rows,) = classify_report.group(results)[0].values()
     table = classify_report.speedup_table(rows)
-    assert "| 2 | 0 | 5.5 | 1.82 | 0.91 | 5.5 |" in table
-    assert "| 4 | 0 | 3.0 | 3.33 | 0.83 |" in table
+    assert "| 2 | 0 | 5.5 | 1.82 | 0.91 | 5.5 | 1.82 | - |" in table
+    assert "| 4 | 0 | 3.0 | 3.33 | 0.83 | 3.0 | 3.33 | - |" in table
     fold = {
         "mode": "kfold", "experiment": "kfold", "data": "mnist", "ranks": 2, "folds": 10, "fold_acc_mean": 0.97,
         "fold_acc_std": 0.01, "metrics": {"acc": 0.98}, "averaged_weights": {"acc": 0.975}, "kfold_time_s": 60.0,
@@ -222,6 +222,25 @@ def test_speedup_and_kfold_tables() -> None:
     }  # fmt: skip
     (rows,) = classify_report.group([fold])[0].values()
     assert "| 2 | 0 | 97.00 ± 1.00 % | 98.00 % | 97.50 % | 60.0 | 115.0 | 10 |" in classify_report.kfold_table(rows)
+
+
+def test_a_report_on_a_loaded_machine_warns_and_shows_cpu_speedups(tmp_path: Path, capsys) -> None:
+    # the numbers a newcomer saw on a busy 2-core machine: wall times grow with the ranks, CPU seconds fall
+    def run(ranks: int, wall: float, cpu: float, load: float) -> dict[str, Any]:
+        return {"mode": "train", "experiment": "mlp_speedup", "data": "synthetic", "ranks": ranks, "sync": "allreduce",
+                "train_time_s": wall, "train_cpu_per_rank_s": [cpu] * ranks, "metrics": {"acc": 0.9, "f1": 0.9},
+                "members": [{"acc": 0.9}], "confusion_matrix": [[1, 0], [0, 1]], "config": {"seed": 0},
+                "machine": {"cores": 2, "ranks_on_node": ranks, "load_1min": load, "host": "vm"}}  # fmt: skip
+
+    loaded = [run(1, 10.0, 5.2, 4.3), run(2, 17.5, 4.0, 4.6), run(3, 25.0, 2.7, 5.0)]
+    markdown = classify_report.report(loaded, tmp_path / "loaded")
+    assert "| 2 | 0 | 17.5 | 0.57 | 0.29 | 4.0 | 1.30 | 4.6 / 2 |" in markdown
+    assert "| 3 | 0 | 25.0 | 0.40 | 0.13 | 2.7 | 1.93 | 5.0 / 2 |" in markdown
+    assert "**Wall times distorted** (1 rank(s): load 4.3 on 2 cores; 2 rank(s): load 4.6 on 2 cores; 3 rank(s): " \
+           "3 ranks on 2 cores)" in markdown  # fmt: skip
+    assert "warning: mlp_speedup on synthetic: **Wall times distorted**" in capsys.readouterr().err
+    idle = [run(1, 10.0, 9.8, 1.0), run(2, 5.5, 4.9, 2.1)]
+    assert "distorted" not in classify_report.report(idle, tmp_path / "idle")
 
 
 def test_help_offers_the_strategies_not_the_schema() -> None:
