@@ -138,7 +138,8 @@ def _load(runs: Sequence[Run]) -> str:
 
 def load_warning(rows: Sequence[Row]) -> str:
     """A warning naming the rows whose wall times other work (or too few cores) stretched, or ``""``."""
-    distorted = sorted({(row.ranks, why) for row in rows for r in row.runs if (why := distortion(r.result.get("machine")))})
+    judged = [(row.ranks, distortion(r.result.get("machine"))) for row in rows for r in row.runs]
+    distorted = sorted({(ranks, why) for ranks, why in judged if why})
     if not distorted:
         return ""
     which = "; ".join(f"{ranks} rank(s): {why}" for ranks, why in distorted)

@@ -103,7 +103,9 @@ class MPICommunicator(TensorCollectives, Communicator):
         self._background: _Background | None = None
         # A sub-communicator (subgroup) reports to its parent's monitor: one watchdog thread per process.
         self._owns_monitor = monitor is None
-        self._monitor: _Monitor | None = monitor if monitor is not None or self.size == 1 else _Monitor(self, validate_timeout(timeout))
+        if monitor is None and self.size > 1:
+            monitor = _Monitor(self, validate_timeout(timeout))
+        self._monitor: _Monitor | None = monitor
 
     def free(self) -> None:
         """Release the MPI communicators (every rank of this one calls it; nothing may use it afterwards)."""

@@ -1,4 +1,5 @@
-"""Parameter averaging: local SGD and DiLoCo (``MPIStrategy(sync="average")``)."""
+"""Parameter averaging: local SGD and DiLoCo (``MPIStrategy(sync="average")``): the schedule of synchronisations;
+what one does is its averager's (:mod:`lightning_mpi.policies.averagers`)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,11 @@ from torch import Tensor
 from torch.nn import Module
 from torch.optim import Optimizer
 
-from lightning_mpi.buffers import DEFAULT_BUCKET_MB, Bucket, bucketize, validate_bucket_mb
+from lightning_mpi.buffers import DEFAULT_BUCKET_MB, bucketize, validate_bucket_mb
 from lightning_mpi.comm import Communicator
 from lightning_mpi.policies.allreduce import GradientAllreduce
-from lightning_mpi.policies.base import (
-    SyncPolicy,
-    broadcast_module,
-    floating_state,
-    has_lazy_tensors,
-    same_tensors,
-    trainable,
-)
+from lightning_mpi.policies.averagers import Averager, MeanAverage, ModelBuckets
+from lightning_mpi.policies.base import SyncPolicy, broadcast_module, has_lazy_tensors
 from lightning_mpi.policies.diloco import OuterStep
 from lightning_mpi.signals import FlagChannel
 
@@ -96,17 +91,17 @@ class ParameterAveraging(SyncPolicy):
         self._in_sync = True
         self._bucket_mb = validate_bucket_mb(bucket_mb) or DEFAULT_BUCKET_MB
         self._gradients = GradientAllreduce(bucket_mb=bucket_mb, overlap=False)
-        self._module: Module | None = None
-        self._model_buckets: list[Bucket] | None = None
+        self._model: ModelBuckets | None = None
         self._broadcast_after_backward = False
         #: the local (not averaged) model while evaluation averages it temporarily
         self._local: list[Tensor] | None = None
-        self._outer = OuterStep(outer_optimizer, pseudo_gradient_dtype) if outer_optimizer is not None else None
-        if self._outer is None and pseudo_gradient_dtype is not None:
+        if outer_optimizer is None and pseudo_gradient_dtype is not None:
             raise ValueError("pseudo_gradient_dtype only applies with an outer_optimizer (DiLoCo).")
-        self._rest_buckets: list[Bucket] | None = None
-        #: DiLoCo's outer state while evaluation previews a synchronisation
-        self._outer_before: dict[str, Any] | None = None
+        self.averager: Averager = (
+            MeanAverage() if outer_optimizer is None else OuterStep(outer_optimizer, pseudo_gradient_dtype)
+        )
+        #: the averager's state while evaluation previews a synchronisation
+        self._averager_before: Any = None
         #: resumed at another world size: every rank starts from the checkpoint's synchronised model
         self._resynchronised = False
 
@@ -116,8 +111,7 @@ class ParameterAveraging(SyncPolicy):
 
     def setup(self, comm: Communicator, module: Module, fitting: bool, resuming: bool) -> None:
         super().setup(comm, module, fitting, resuming)
-        self._module = module
-        self._model_buckets = None
+        self._model = ModelBuckets(module, self._bucket_mb)
         continuing = fitting and resuming  # each rank continues from its own model, stored in the checkpoint
         if self.warmup_steps > 0:  # gradient buckets (and their per-parameter hooks) only serve the warm-up
             self._gradients.setup(comm, module, fitting, resuming)
@@ -126,11 +120,9 @@ class ParameterAveraging(SyncPolicy):
             self._broadcast_after_backward = has_lazy_tensors(module) and comm.size > 1
         if not continuing or self._resynchronised:
             self._in_sync = True
-        self._rest_buckets = None
-        if self._outer is not None:
-            self._outer.attach(trainable(module), restore=continuing)
-            if self._resynchronised:
-                self._outer.reset()  # changes count from the model every rank starts from
+        self.averager.attach(module, restore=continuing)
+        if self._resynchronised:
+            self.averager.reset()  # every rank starts from the checkpoint's synchronised model
         self._resynchronised = False
 
     def continue_from_synchronised_model(self) -> None:
@@ -162,8 +154,8 @@ class ParameterAveraging(SyncPolicy):
     def after_optimizer_step(self, module: Module, optimizers: list[Optimizer]) -> None:
         self.steps += 1
         self._in_sync = self.steps <= self.warmup_steps and self._in_sync
-        if self._outer is not None and self.steps == self.warmup_steps:
-            self._outer.reset()  # the warm-up ends in sync: local changes count from here
+        if self.steps == self.warmup_steps:
+            self.averager.reset()  # the warm-up ends in sync
         if self.every_n_steps is not None and self.steps > self.warmup_steps and self.steps % self.every_n_steps == 0:
             self.average(optimizers)
 
@@ -172,75 +164,39 @@ class ParameterAveraging(SyncPolicy):
             self.average(optimizers)
 
     def on_train_end(self, module: Module, optimizers: list[Optimizer]) -> None:
-        if self._outer is not None and self._in_sync:
-            # Already the last outer step's parameters: another step on zero changes would still move them
-            # (momentum). Buffers may have changed since (a forward without a step), and averaging them is idempotent.
-            self._average_rest()
+        if self._in_sync:  # the last step synchronised; buffers may have moved since (a forward without a step)
+            self.averager.settle(self.comm, self._model_buckets())
             return
         self.average(optimizers)
 
     def average(self, optimizers: Sequence[Optimizer] = ()) -> None:
-        """Average the model (and, if chosen, optimizer state) over ranks, in place; with an outer optimizer, its
-        step on the averaged changes sets the parameters."""
-        self._synchronise_model()
+        """Synchronise the model (and, if chosen, average the optimizer state) over ranks, in place."""
+        self.averager.synchronise(self.comm, self._model_buckets())
         if self.average_optimizer_state and self.comm.size > 1:
             _average_optimizer_state(self.comm, optimizers, self._bucket_mb)
         self.averagings += 1
         self._in_sync = True
 
-    def _synchronise_model(self) -> None:
-        """The model a synchronisation gives: the average, or with DiLoCo the outer step on the averaged changes."""
-        if self._outer is None:
-            self._average_model()
-        else:
-            self._outer.step(self.comm, self._bucket_mb)
-            self._average_rest()
-
-    def _buckets(self) -> list[Bucket]:
-        assert self._module is not None
-        state = floating_state(self._module)
-        built = [t for bucket in self._model_buckets or [] for t in bucket.tensors]
-        # Built on first use (lazy modules are materialised by then), and again when a callback or the module
-        # replaced tensors (SWA's BatchNorm reset, register_buffer again): averaging must reach the module's own.
-        if self._model_buckets is None or not same_tensors(built, state):
-            self._model_buckets = bucketize(state, self._bucket_mb)
-            self._rest_buckets = None
-        return self._model_buckets
-
-    def _average_model(self) -> None:
-        _average(self.comm, self._buckets())
-
-    def _average_rest(self) -> None:
-        """Buffers and frozen parameters: what the outer optimizer does not step."""
-        self._buckets()  # rebuilt (with the rest) if the module's tensors were replaced
-        if self._rest_buckets is None:
-            assert self._module is not None
-            outer = {id(p) for p in trainable(self._module)}
-            rest = [t for t in floating_state(self._module) if id(t) not in outer]
-            self._rest_buckets = bucketize(rest, self._bucket_mb)
-        _average(self.comm, self._rest_buckets)
-
-    def _load(self, values: list[Tensor]) -> None:
-        for bucket, saved in zip(self._buckets(), values):
-            bucket.flat.copy_(saved)
-            bucket.unpack()
+    def _model_buckets(self) -> ModelBuckets:
+        assert self._model is not None, "setup() first"
+        return self._model
 
     @contextmanager
     def evaluation(self, module: Module) -> Iterator[None]:
         if self._in_sync or self.comm.size == 1 or self._local is not None:
             yield
             return
-        self._local = [b.pack().clone() for b in self._buckets()]
-        self._outer_before = self._outer.snapshot() if self._outer is not None else None
-        self._synchronise_model()
+        model = self._model_buckets()
+        self._local = model.values()
+        self._averager_before = self.averager.snapshot()
+        self.averager.synchronise(self.comm, model)
         try:
             yield
         finally:
-            self._load(self._local)
+            model.load(self._local)
             self._local = None
-            if self._outer is not None and self._outer_before is not None:
-                self._outer.restore(self._outer_before)  # the step was a preview: training continues as before
-            self._outer_before = None
+            self.averager.restore(self._averager_before)  # the synchronisation was a preview: training goes on
+            self._averager_before = None
 
     def model_state_dict(self, module: Module) -> dict[str, Any]:
         if self._in_sync or self._local is not None:  # in sync, or already averaged for evaluation
@@ -253,10 +209,11 @@ class ParameterAveraging(SyncPolicy):
             return module.state_dict()
         # Written during validation (ModelCheckpoint saves in on_validation_end): the model is averaged for now,
         # but this rank continues from its local weights.
-        averaged = [b.pack().clone() for b in self._buckets()]
-        self._load(self._local)
+        model = self._model_buckets()
+        averaged = model.values()
+        model.load(self._local)
         state = {k: v.clone() for k, v in module.state_dict().items()}
-        self._load(averaged)
+        model.load(averaged)
         return state
 
     def restores_rank_states(self, fitting: bool) -> bool:
@@ -264,24 +221,18 @@ class ParameterAveraging(SyncPolicy):
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"steps": self.steps, "averagings": self.averagings, "in_sync": self._in_sync}
-        if self._outer is not None:  # during evaluation: the state before the previewed step
-            state["outer"] = self._outer_before if self._outer_before is not None else self._outer.state_dict()
+        # during evaluation: the averager's state before the previewed synchronisation
+        averager = self._averager_before if self._averager_before is not None else self.averager.state_dict()
+        if averager is not None:
+            state["outer"] = averager
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state.get("steps", 0))
         self.averagings = int(state.get("averagings", 0))
         self._in_sync = bool(state.get("in_sync", False))
-        if self._outer is not None and "outer" in state:
-            self._outer.load_state_dict(state["outer"])
-
-
-def _average(comm: Communicator, buckets: list[Bucket]) -> None:
-    if comm.size == 1:
-        return
-    for bucket in buckets:
-        comm.allreduce_(bucket.pack(), "mean")
-        bucket.unpack()
+        if "outer" in state:
+            self.averager.load_state_dict(state["outer"])
 
 
 def _average_optimizer_state(comm: Communicator, optimizers: Sequence[Optimizer], bucket_mb: float) -> None:

@@ -1,4 +1,4 @@
-"""DiLoCo's outer step, for ``MPIStrategy(sync="average", outer_optimizer=...)``."""
+"""DiLoCo's outer step: the averager of ``MPIStrategy(sync="average", outer_optimizer=...)``."""
 
 from __future__ import annotations
 
@@ -8,17 +8,21 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn import Module
 from torch.optim import Optimizer
 
 from lightning_mpi.buffers import bucketize
 from lightning_mpi.comm import Communicator
+from lightning_mpi.policies.averagers import Averager, ModelBuckets, average_buckets
+from lightning_mpi.policies.base import trainable
 
 
-class OuterStep:
+class OuterStep(Averager):
     """DiLoCo's outer optimization (Douillard et al., 2023, "DiLoCo: Distributed Low-Communication Training of
     Language Models"): at each synchronisation, every rank's change since the last one (its pseudo-gradient, old
     parameters minus new) is averaged over ranks and applied by an outer optimizer to the last synchronised
-    parameters, which every rank then continues from. With ``SGD(lr=1)`` this is plain averaging.
+    parameters, which every rank then continues from. With ``SGD(lr=1)`` this is plain averaging. Buffers and
+    frozen parameters, which the outer optimizer does not step, are averaged.
 
     ``wire_dtype`` (``torch.bfloat16`` or ``torch.float16``): the pseudo-gradients travel in that precision
     (gathered from every rank and summed in float32 here, since MPI's half-precision sums are not reliable),
@@ -37,9 +41,9 @@ class OuterStep:
         self._optimizer: Optimizer | None = None
         self._pending: dict[str, Any] | None = None
 
-    def attach(self, params: list[Tensor], restore: bool) -> None:
-        """Start from ``params`` (the same on every rank), or, ``restore``: from a loaded checkpoint's state."""
-        self._params = params
+    def attach(self, module: Module, restore: bool) -> None:
+        self._params = trainable(module)
+        params = self._params
         self._anchors = [torch.nn.Parameter(p.detach().clone(), requires_grad=False) for p in params]
         self._optimizer = self._factory(self._anchors)
         if restore and self._pending is not None:
@@ -49,11 +53,19 @@ class OuterStep:
         self._pending = None
 
     def reset(self) -> None:
-        """The parameters are in sync now (end of a warm-up): changes count from here."""
+        # changes count from here
         with torch.no_grad():
             torch._foreach_copy_(self._anchors, [p.detach() for p in self._params])
 
-    def step(self, comm: Communicator, bucket_mb: float) -> None:
+    def synchronise(self, comm: Communicator, model: ModelBuckets) -> None:
+        self._step(comm, model.bucket_mb)
+        self.settle(comm, model)
+
+    def settle(self, comm: Communicator, model: ModelBuckets) -> None:
+        # Another outer step on zero changes would still move the parameters (momentum): only the rest is averaged.
+        average_buckets(comm, model.excluding(self._params))
+
+    def _step(self, comm: Communicator, bucket_mb: float) -> None:
         """Average the pseudo-gradients over ranks, step the outer optimizer, continue from its parameters."""
         assert self._optimizer is not None
         with torch.no_grad():
@@ -69,14 +81,13 @@ class OuterStep:
             torch._foreach_copy_([p.detach() for p in self._params], [a.detach() for a in self._anchors])
 
     def snapshot(self) -> dict[str, Any]:
-        """The outer state now (anchors and optimizer), for :meth:`restore` after a step taken only to look."""
         return copy.deepcopy(self.state_dict())
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, snapshot: Any) -> None:
         assert self._optimizer is not None
         with torch.no_grad():
-            torch._foreach_copy_(self._anchors, list(state["anchors"]))
-        self._optimizer.load_state_dict(state["optimizer"])
+            torch._foreach_copy_(self._anchors, list(snapshot["anchors"]))
+        self._optimizer.load_state_dict(snapshot["optimizer"])
 
     def _average(self, comm: Communicator, flat: Tensor) -> None:
         if self._wire_dtype is None or comm.size == 1:
