@@ -30,8 +30,9 @@ release = version = lightning_mpi.__version__
 extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon"]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"
-# The tables the benchmarks write next to their results (recipes/benchmark.py, tools/cluster/network_benchmark.py,
-# recipes/time_to_accuracy.py) are data, not pages: a page includes them or links their directory.
+# The tables the benchmarks write next to their results (recipes/benchmarks/speed.py,
+# tools/cluster/network_benchmark.py, recipes/time_to_accuracy/run.py) are data, not pages: a page includes them or
+# links their directory.
 exclude_patterns = [
     "_build",
     "README.md",

@@ -230,12 +230,16 @@ def _check_argv(argv: list[str]) -> None:
 
 
 def _export_script_directory() -> None:
-    """Let the processes a launcher starts for the jobs (submitit's) import what the script imports from its own
-    directory, as the script itself does (Python puts that directory first on ``sys.path``)."""
-    script_dir = os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else ""
+    """Let the processes a launcher starts for the jobs (submitit's) import what the application imports from the
+    directory Python put first on ``sys.path``: the script's (``python train.py``) or the working directory
+    (``python -m package``)."""
+    started_from_a_file = bool(sys.argv and sys.argv[0] and os.path.isfile(sys.argv[0]))
+    if not started_from_a_file or not sys.path:
+        return
+    first = os.path.abspath(sys.path[0] or ".")
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if script_dir and sys.path and os.path.abspath(sys.path[0] or ".") == script_dir and script_dir not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([script_dir, *paths])
+    if first not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([first, *paths])
 
 
 def _check_per_rank_settings(hydra_config: Any) -> None:

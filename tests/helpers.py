@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from torch import nn
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, Sampler, TensorDataset
 
 FEATURES = 6
 
@@ -227,3 +227,57 @@ class DigitClassifier(LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class ValidatedRegressor(Regressor):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x), y), sync_dist=True)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", nn.functional.mse_loss(self(x), y), sync_dist=True)
+
+
+class EnsembleRegressor(ValidatedRegressor):
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+
+class StepCollectives(LightningModule):
+    """Per-step collectives in validation: an all_gather and an on_step synced log in every batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(FEATURES, 1)
+        self.batches = 0
+        self.seen = 0
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        gathered = self.all_gather(torch.tensor([float(len(x))]))
+        self.log("val_step_loss", nn.functional.mse_loss(self.layer(x), y), on_step=True, sync_dist=True)
+        self.log("val_count", float(len(x)), reduce_fx="sum", sync_dist=True)
+        self.log("gathered_count", gathered.sum(), reduce_fx="sum")
+        self.batches += 1
+        self.seen += len(x)
+
+
+class RankShardedStream(IterableDataset):
+    """An iterable dataset the user shards by rank (as under DDP): rank r yields samples r, r+N, ..."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __iter__(self):
+        from lightning_mpi.comm import world
+
+        comm = world()
+        for i in range(comm.rank, len(self.data), comm.size):
+            yield self.data[i]
+
+
+class LazyRegressor(Regressor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.LazyLinear(16), nn.Tanh(), nn.LazyLinear(1))

@@ -1,28 +1,28 @@
-"""The classification recipe: config composition, a 2-rank ensemble run under mpirun, k-fold, the report."""
+"""The classification recipe in one process: config composition, k-fold, the report (2 ranks:
+tests/mpi/test_recipes.py)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import classify
-import classify_report
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
-from hydra_configs import Mode
 from omegaconf import DictConfig
 
-from tests.mpirun import ROOT, check, run_mpi
+import recipes.classification.report as classify_report
+import recipes.classification.train as classify
+from recipes.configs import Mode
+from tests.mpirun import ROOT, check
 
 
 def _compose(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "conf" / "classification"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "recipes" / "classification" / "conf"), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
 
 
@@ -58,7 +58,7 @@ def test_a_forecasting_option_or_a_wrong_type_fails_at_composition() -> None:
 def test_model_arguments_are_typed_as_the_model_classes_declare_them() -> None:
     import inspect
 
-    from classification.models import MLPClassifier
+    from recipes.classification.models import MLPClassifier
 
     with pytest.raises(ConfigCompositionException, match="hidden_sizes"):
         _compose("model=mlp", "model.hidden_sizes=[3,x]")
@@ -75,7 +75,7 @@ def test_model_arguments_are_typed_as_the_model_classes_declare_them() -> None:
 def test_an_added_trainer_key_is_checked_before_the_trainer() -> None:
     # Hydra's own hint for a key the schema lacks is "+trainer.key=value", which bypasses the schema: the recipe
     # names the misspelt argument instead of failing inside Trainer.__init__
-    from hydra_configs import trainer_options
+    from recipes.configs import trainer_options
 
     cfg = _compose("+trainer.max_epoch=5")
     with pytest.raises(ValueError, match=r"trainer.max_epoch is not an argument of Lightning's Trainer; did you mean "
@@ -87,7 +87,7 @@ def test_an_added_trainer_key_is_checked_before_the_trainer() -> None:
 @pytest.mark.parametrize(
     ("experiment", "expected"),
     [
-        ("ensemble_table", {"strategy.sync": "ensemble", "model._target_": "classification.models.CNNClassifier"}),
+        ("ensemble_table", {"strategy.sync": "ensemble", "model._target_": "recipes.classification.models.CNNClassifier"}),
         ("mlp_speedup", {"strategy.sync": "allreduce", "data.name": "synthetic", "model.in_features": 64}),
         ("kfold", {"mode": Mode.kfold, "kfold.folds": 10, "model.optimizer.lr": 0.099,
                    "model.optimizer._target_": "torch.optim.SGD", "data.batch_size": 1024, "trainer.max_epochs": 20}),
@@ -130,7 +130,7 @@ def test_kfold_in_one_process(tmp_path: Path) -> None:
 def test_a_run_ends_with_one_line_of_results_and_where_they_are(tmp_path: Path) -> None:
     out = tmp_path / "run"
     launched = subprocess.run(
-        [sys.executable, "recipes/classify.py", "trainer.max_epochs=1", f"hydra.run.dir={out}"],
+        [sys.executable, "-m", "recipes.classification", "trainer.max_epochs=1", f"hydra.run.dir={out}"],
         cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip
     check(launched)
@@ -152,57 +152,6 @@ def test_kfold_summary_names_the_combined_scores_on_rank_0_only() -> None:
         "kfold on mnist, 2 ranks, 4 folds: held-out accuracy 94.63 ± 1.01 %, fold ensemble 95.55 %, averaged weights "
         "95.45 %, k-fold 92.9 s; results in /r"
     )
-
-
-@pytest.mark.mpi
-def test_two_rank_ensemble_run_and_report(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    launched = check(
-        run_mpi(
-            2,
-            ["recipes/classify.py", "experiment=ensemble_table", "data=digits", "trainer.max_epochs=1",
-             f"hydra.run.dir={out}"],
-            timeout=180,
-        )
-    )  # fmt: skip
-    result = json.loads((out / "result.json").read_text())
-    assert result["ranks"] == 2
-    assert result["sync"] == "ensemble"
-    assert len(result["members"]) == 2
-    assert sum(map(sum, result["confusion_matrix"])) == result["test_samples"] == 360
-    # the test loop's MPI-synced torchmetrics agree with the scores of the gathered predictions
-    assert result["logged"]["test/acc"] == pytest.approx(result["metrics"]["acc"], abs=1e-6)
-    assert result["logged"]["test/member_1/acc"] == pytest.approx(result["members"][1]["acc"], abs=1e-6)
-    assert (out / "confusion_matrix.png").stat().st_size > 0
-    # one result line on the console (rank 0's), the job's log ends with it; rank 1 logs to its own file
-    summary = f"ensemble_table on digits, 2 ranks, ensemble: test accuracy {100 * result['metrics']['acc']:.2f} %"
-    assert launched.stdout.count(summary) == 1
-    assert summary in launched.stdout.strip().splitlines()[-1]
-    assert summary in (out / "classify.log").read_text().strip().splitlines()[-1]
-    rank1 = (out / "classify.rank1.log").read_text()
-    assert summary in rank1
-    assert "Seed set to 0" in rank1
-    assert (launched.stdout + launched.stderr).count("Seed set to 0") == 1  # rank 0's only
-
-    sequential = dict(result, ranks=1, train_time_s=2 * result["train_time_s"], members=result["members"][:1])
-    markdown = classify_report.report([sequential, result], tmp_path / "report")
-    assert "| 2 | 0 |" in markdown
-    assert "50.00 %" in markdown
-    assert (tmp_path / "report" / "ensemble_table-digits-scaling.png").is_file()
-
-
-@pytest.mark.mpi
-def test_one_process_strategy_is_refused_under_several_ranks(tmp_path: Path) -> None:
-    launched = run_mpi(
-        2, ["recipes/classify.py", "strategy=single", "data=digits", f"hydra.run.dir={tmp_path}"], timeout=120
-    )
-    assert launched.returncode != 0
-    assert "strategy=SingleDeviceStrategy runs one process, but this job has 2 MPI ranks" in launched.stderr
-    assert not (tmp_path / "result.json").exists()
-    # raised alike on both ranks: Hydra's report comes once (rank 0's), rank 1 says so in one line
-    assert launched.stderr.count("Error executing job with overrides") == 1, launched.stderr
-    assert "rank 1/2: ValueError: strategy=SingleDeviceStrategy" in launched.stderr
-    assert "(the same exception as rank 0, which printed its traceback)" in launched.stderr
 
 
 def test_speedup_and_kfold_tables() -> None:
@@ -249,6 +198,6 @@ def test_help_offers_the_strategies_not_the_schema() -> None:
 
     from tests.mpirun import ROOT
 
-    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "classify.py"), "--help"], capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "recipes.classification", "--help"], capture_output=True,
                          text=True, timeout=120, check=True, cwd=ROOT)  # fmt: skip
     assert "strategy: allreduce, average, ensemble, single" in run.stdout

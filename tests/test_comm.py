@@ -1,4 +1,5 @@
-"""The communication module: real ranks for the MPI path, the single-process twin without MPI."""
+"""The communication module in one process: MPI stays unloaded, the single-process twin (real ranks:
+tests/mpi/test_collectives.py; thread ranks: tests/test_policies_threaded.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,6 @@ import torch
 
 from lightning_mpi.comm import Communicator, launched_by_mpi
 from tests.mpirun import ROOT
-
-
-@pytest.mark.mpi
-@pytest.mark.parametrize("world", [2, 3])
-def test_collectives_on_real_ranks(world, suite_launches):
-    # every rank asserted every collective's results itself (tests/scenarios/collectives.py), then saved its word
-    assert [r["ok"] for r in suite_launches(world).results("collectives")] == [True] * world
 
 
 def test_import_does_not_initialise_mpi():

@@ -1,4 +1,4 @@
-"""The forecasting recipe: config composition, a 1-process run, bad input, and a 2-rank Hydra multirun under mpirun."""
+"""The forecasting recipe in one process: config composition, a run, bad input (2 ranks: tests/mpi/test_recipes.py)."""
 
 from __future__ import annotations
 
@@ -8,24 +8,22 @@ import sys
 from pathlib import Path
 
 import pytest
-import report
-import train
-from forecasting.data import ForecastDataModule
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import recipes.forecasting.train as train
 from lightning_mpi import MPIStrategy
 from lightning_mpi.hydra import _check_argv, check_sweep_plugins
-from tests.mpirun import ROOT, check, run_mpi
+from tests.mpirun import ROOT, check
 from tests.shared_data import shared_data
 
 TENNESSEE = "tennessee-covid19-nyt.csv"  # in ../shared/data
 
 
 def config(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "conf" / "forecasting"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "recipes" / "forecasting" / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 
@@ -138,7 +136,7 @@ def test_non_basic_sweepers_and_launchers_are_refused_under_mpi(monkeypatch: pyt
 def test_a_run_ends_with_one_line_of_results_and_where_they_are(tmp_path: Path) -> None:
     out = tmp_path / "run"
     launched = subprocess.run(
-        [sys.executable, "recipes/train.py", "trainer.max_epochs=1", "data.days=200", f"hydra.run.dir={out}"],
+        [sys.executable, "-m", "recipes.forecasting", "trainer.max_epochs=1", "data.days=200", f"hydra.run.dir={out}"],
         cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip
     check(launched)
@@ -150,48 +148,3 @@ def test_a_run_ends_with_one_line_of_results_and_where_they_are(tmp_path: Path) 
     assert (out / "train.log").read_text().strip().splitlines()[-1] == last  # the job's log too
     assert (out / "result.json").is_file()
     assert (out / "forecast.png").is_file()
-
-
-@pytest.mark.mpi
-def test_two_rank_multirun_shares_job_directories_and_statistics(tmp_path: Path) -> None:
-
-    sweep, tennessee = tmp_path / "sweep", shared_data(TENNESSEE)
-    launched = run_mpi(
-        2,
-        ["recipes/train.py", "-m", "experiment=covid_table", "model=lstm,gru", "strategy=allreduce,average",
-         "seed=0,1", "trainer.max_epochs=2", f"data.path={tennessee}", f"hydra.sweep.dir={sweep}"],
-        timeout=300,
-    )  # fmt: skip
-    check(launched)
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert len(jobs) == 8, jobs  # one directory per job, shared by both ranks
-    assert len(list(sweep.rglob(".hydra"))) == 8
-    assert len(list(sweep.rglob("result.json"))) == 8
-    reference = ForecastDataModule(source="nyt", path=str(tennessee), transform="level", scaler="minmax")
-    reference.prepare()
-    for job in jobs:
-        assert (job / "train.log").exists()
-        assert (job / "train.rank1.log").exists()
-        assert "RMSE" in (job / "train.rank1.log").read_text()
-        result = json.loads((job / "result.json").read_text())
-        assert result["ranks"] == 2
-        assert result["strategy"] in ("allreduce", "average")
-        # statistics combined over 2 ranks equal those of one process, exactly
-        assert (result["scaler"]["offset"], result["scaler"]["scale"]) == (
-            reference.transform.offset,
-            reference.transform.scale,
-        )
-        assert round(result["baselines"]["persistence"]["rmse"]) == 8262
-        summary = (job / "train.log").read_text().strip().splitlines()[-1]
-        assert summary.endswith(f"results in {job}")
-        assert "2 ranks: test RMSE" in summary
-    # the console is rank 0's: one summary line per job, no second copy of Hydra's sweep lines
-    assert launched.stdout.count("test RMSE") == 8
-    assert launched.stdout.count("Launching 8 jobs locally") == 1
-    assert launched.stdout.count("#7 : ") == 1
-    text = report.main([str(sweep)])
-    for strategy in ("allreduce", "average"):  # both strategies, both seeds: nothing dropped or overwritten
-        assert f"| RMSE, with MPI, 2 ranks, {strategy} (seeds 0, 1) |" in text
-    assert "LSTM | GRU" in text
-    assert "| persistence RMSE (tomorrow = today) | 8,262 | 8,262 |" in text
-    assert (sweep / "table.png").exists()

@@ -1,7 +1,7 @@
 """What the launcher's variables say, on one process: the world size before fit under ``srun --mpi=pmix``, and
 launches whose processes do not form one MPI world (``srun -n 2`` without an MPI plugin) stopped before training.
 
-The variables are those Slurm 22.05, Open MPI 5 and MPICH set (read from real launches, see tests/test_slurm.py).
+The variables are those Slurm 22.05, Open MPI 5 and MPICH set (read from real launches, see tests/mpi/test_slurm.py).
 """
 
 from __future__ import annotations

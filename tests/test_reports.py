@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import classify_report
 import pytest
-import report
-import runs
+
+import recipes.classification.report as classify_report
+import recipes.forecasting.report as report
+import recipes.runs as runs
 
 FORECAST_CONFIG: dict[str, Any] = {
     "name": "forecast", "seed": 0, "threads": 1, "output_dir": None, "plot": True,
@@ -31,7 +32,7 @@ MPI_STRATEGY = {
 
 def forecast_result(model: str, strategy: str, ranks: int, seed: int, rmse: float, fit: float = 5.0,
                     epochs: int = 300, persistence: float = 8261.73) -> dict[str, Any]:  # fmt: skip
-    """A result.json as recipes/train.py writes it (the fields the report reads, and the full config)."""
+    """A result.json as recipes/forecasting/train.py writes it (the fields the report reads, and the full config)."""
     config = copy.deepcopy(FORECAST_CONFIG)
     config["seed"] = seed
     config["model"]["_target_"] = f"forecasting.models.{model}Forecaster"
@@ -93,7 +94,7 @@ def test_other_settings_get_rows_and_what_cannot_be_placed_is_named(
     assert "| RMSE, with MPI, 2 ranks, average, trainer.max_epochs=300 (seeds 0, 0) | 7,050 [7,000-7,100] |" in text
     assert "| RMSE, with MPI, 2 ranks, average, trainer.max_epochs=1500 | 7,000 |" in text
     assert "skipped" in err
-    assert "a classification result (recipes/classify_report.py" in err
+    assert "a classification result (recipes/classification/report.py" in err
     assert "broken/result.json: not readable as JSON" in err
     assert "2 runs of the same configuration with seed 0 (all counted)" in err
 
@@ -121,7 +122,8 @@ def test_bars_are_centred_on_their_model_also_where_a_configuration_is_missing()
 
 
 def classification_result(ranks: int, seed: int, acc: float, time: float, epochs: int = 10) -> dict[str, Any]:
-    """A result.json as recipes/classify.py writes it for experiment=ensemble_table (the fields the report reads)."""
+    """A result.json as the classification recipe writes it for experiment=ensemble_table (the fields the report
+    reads)."""
     member = {"acc": acc - 0.01, "precision": 0.9, "recall": 0.9, "f1": 0.9}
     return {
         "mode": "train", "experiment": "ensemble_table", "data": "mnist", "ranks": ranks, "sync": "ensemble",

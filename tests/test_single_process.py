@@ -109,7 +109,7 @@ def test_bucket_mb_is_validated():
 
 def _two_fits(strategy_factory) -> tuple[dict[str, torch.Tensor], float]:
     """Fit, then fit again (fine-tuning) with a new Trainer: the second fit continues from the first."""
-    from tests.scenarios.lightning_paths import EnsembleRegressor
+    from tests.helpers import EnsembleRegressor
 
     seed_everything(0)
     model = EnsembleRegressor()
@@ -134,7 +134,7 @@ resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))  # an infinite sa
 from torch.utils.data import DataLoader
 from lightning_mpi import MPIStrategy
 from tests.helpers import quiet_trainer, regression_data
-from tests.scenarios.lightning_paths import RankShardedStream, StepCollectives
+from tests.helpers import RankShardedStream, StepCollectives
 module = StepCollectives()
 stream = DataLoader(RankShardedStream(regression_data(10)), batch_size=3)
 logged = quiet_trainer(strategy=MPIStrategy(), limit_val_batches=None).validate(module, stream, verbose=False)[0]
@@ -168,7 +168,7 @@ def test_batch_hooks_wrapped_on_the_instance_are_called():
 
 
 def test_lazy_modules_in_one_process():
-    from tests.scenarios.lightning_paths import LazyRegressor
+    from tests.helpers import LazyRegressor
 
     seed_everything(0)
     expected = LazyRegressor()

@@ -1,25 +1,22 @@
-"""The time-to-accuracy recipe (recipes/time_to_accuracy.py): its pure logic, its report, and one tiny 2-rank run over
-shared memory (the emulated network needs root and minutes: the recipe's full run covers it)."""
+"""The time-to-accuracy recipe (recipes.time_to_accuracy): its pure logic and its report (a tiny 2-rank run over
+shared memory: tests/mpi/test_recipes.py; the emulated network needs root and minutes: the recipe's full run)."""
 
 from __future__ import annotations
 
 import doctest
-import json
-from pathlib import Path
 
 import pytest
-import time_to_accuracy as tta
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from tests.mpirun import ROOT, check, run_mpi
-from tests.shared_data import shared_data
+import recipes.time_to_accuracy.run as tta
+from tests.mpirun import ROOT
 
 PARAMETERS = 93_322  # the study CNN's
 
 
 def _compose(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "conf" / "time_to_accuracy"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "recipes" / "time_to_accuracy" / "conf"), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
 
 
@@ -97,40 +94,3 @@ def test_time_and_bytes_to_target() -> None:
     assert tta.verdict(slower, ["diloco_32"])["met"] is False  # fewer bytes, but later than allreduce
     with pytest.raises(ValueError, match="reference 'allreduce' did not run"):
         tta.analyse({"variants": {"diloco_32": network["variants"]["diloco_32"]}}, "allreduce", 0.01)
-
-
-@pytest.mark.mpi
-def test_two_ranks_over_shared_memory(tmp_path: Path) -> None:
-    """The recipe end to end at tiny scale: every variant kind, the same start, the bytes each one sends."""
-    shared_data("mnist-t10k")  # the recipe's data (conf/time_to_accuracy: data.root)
-    overrides = [
-        "network=shm", f"output_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'hydra'}", "steps=16", "eval_every=8",
-        "data.train_size=2000", "data.val_size=500", "only=[allreduce,average_8,diloco_8,diloco_32_bf16]",
-        "variants.diloco_32_bf16.every_n_steps=8",
-    ]  # fmt: skip
-    launched = check(run_mpi(2, ["recipes/time_to_accuracy.py", *overrides], timeout=120))
-    results = json.loads((tmp_path / tta.RESULTS).read_text())
-    shm = results["networks"]["shm"]
-    assert (shm["ranks"], shm["nodes"], shm["val_samples"]) == (2, 1, 500)  # really 2 ranks
-    variants = shm["variants"]
-    assert list(variants) == ["allreduce", "average_8", "diloco_8", "diloco_32_bf16"]
-    for run in variants.values():
-        points = run["points"]
-        assert [p["step"] for p in points] == [0, 8, 16]
-        assert points[0]["bytes"] == 0
-        assert points[0]["time_s"] < points[1]["time_s"] < points[2]["time_s"]
-        assert all(0.0 <= p["acc"] <= 1.0 for p in points)
-    assert len({run["points"][0]["acc"] for run in variants.values()}) == 1  # the same initial weights
-    sent = {name: run["points"][-1]["bytes"] for name, run in variants.items()}
-    model = 4 * PARAMETERS
-    assert 16 * model <= sent["allreduce"] < 16.2 * model  # gradients every step (plus per-parameter flags)
-    assert 2 * model <= sent["average_8"] < 2.01 * model
-    assert 2 * model <= sent["diloco_8"] < 2.01 * model
-    assert model <= sent["diloco_32_bf16"] < 1.01 * model  # half precision on the wire, gathered: counted too
-    analysis = shm["analysis"]
-    assert analysis["target"] == pytest.approx(variants["allreduce"]["points"][-1]["acc"] - 0.01)
-    assert "verdict" not in shm  # the criterion is about the emulated network
-    assert (tmp_path / tta.TABLE).read_text().count("| diloco_8 |") == 1
-    assert (tmp_path / tta.PLOT).stat().st_size > 10_000
-    output = launched.stdout + launched.stderr
-    assert output.count("time to accuracy: shm: target") == 1  # one line, rank 0's

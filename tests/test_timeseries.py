@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from forecasting.data import (
+
+from recipes.forecasting.data import (
     Cleaning,
     ForecastDataModule,
     WindowTransform,
@@ -24,7 +25,6 @@ from forecasting.data import (
     sir_series,
     split_index,
 )
-
 from tests.shared_data import shared_data
 
 TENNESSEE = "tennessee-covid19-nyt.csv"  # in ../shared/data

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from classification.data import (
+
+from recipes.classification.data import (
     ClassificationDataModule,
     IDXFormatError,
     load_digits,
@@ -21,8 +22,7 @@ from classification.data import (
     stratified_folds,
     stratified_split,
 )
-from classification.models import CNNClassifier, MLPClassifier, mlp, study_cnn
-
+from recipes.classification.models import CNNClassifier, MLPClassifier, mlp, study_cnn
 from tests.shared_data import shared_data
 
 
@@ -76,12 +76,10 @@ def test_optimizers_come_from_the_factory() -> None:
 
 def test_importing_the_modules_initialises_nothing() -> None:
     code = (
-        "import sys, lightning_mpi, classification.data, classification.models;"
+        "import sys, lightning_mpi, recipes.classification.data, recipes.classification.models;"
         "assert 'mpi4py.MPI' not in sys.modules and 'sklearn' not in sys.modules, sorted(sys.modules)"
     )
-    subprocess.run(
-        [sys.executable, "-c", code], check=True, timeout=60, cwd=Path(__file__).resolve().parents[1] / "recipes"
-    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
 
 
 # -- IDX files -----------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError
 
-from forecasting.data import WindowTransform
+from recipes.forecasting.data import WindowTransform
 
 Batch = tuple[Tensor, Tensor, Tensor, Tensor]
 

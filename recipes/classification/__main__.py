@@ -1,0 +1,5 @@
+"""``python -m recipes.classification [overrides]``: see :mod:`recipes.classification.train`."""
+
+from recipes.classification.train import main
+
+main()
