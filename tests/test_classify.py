@@ -87,7 +87,8 @@ def test_an_added_trainer_key_is_checked_before_the_trainer() -> None:
 @pytest.mark.parametrize(
     ("experiment", "expected"),
     [
-        ("ensemble_table", {"strategy.sync": "ensemble", "model._target_": "recipes.classification.models.CNNClassifier"}),
+        ("ensemble_table", {"strategy.sync": "ensemble",
+                            "model._target_": "recipes.classification.models.CNNClassifier"}),
         ("mlp_speedup", {"strategy.sync": "allreduce", "data.name": "synthetic", "model.in_features": 64}),
         ("kfold", {"mode": Mode.kfold, "kfold.folds": 10, "model.optimizer.lr": 0.099,
                    "model.optimizer._target_": "torch.optim.SGD", "data.batch_size": 1024, "trainer.max_epochs": 20}),
