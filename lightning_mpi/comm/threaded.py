@@ -15,14 +15,12 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_mpi.comm.base import Communicator, ReduceOpName, check_op
-
-T = TypeVar("T")
 
 _REDUCE: dict[str, Callable[[Tensor], Tensor]] = {
     "sum": lambda stacked: stacked.sum(0),
@@ -33,8 +31,9 @@ _REDUCE: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-class _Exchange:
-    """Where the ranks' threads meet: each deposits a value, all read all of them."""
+class Exchange:
+    """Where the ranks' threads meet: each deposits a value, all read all of them (a collective fails after
+    ``timeout`` seconds without every rank)."""
 
     def __init__(self, size: int, timeout: float) -> None:
         self.size = size
@@ -65,7 +64,7 @@ class _Exchange:
 class ThreadCommunicator(Communicator):
     """Rank ``rank`` of a job whose ranks are threads of this process (see :func:`run_ranks`); one node."""
 
-    def __init__(self, exchange: _Exchange, rank: int) -> None:
+    def __init__(self, exchange: Exchange, rank: int) -> None:
         self._exchange = exchange
         self.rank = self.local_rank = rank
         self.size = self.local_size = exchange.size
@@ -179,10 +178,10 @@ class ThreadCommunicator(Communicator):
         return self._bytes
 
 
-def run_ranks(size: int, function: Callable[[ThreadCommunicator], T], timeout: float = 60.0) -> list[T]:
+def run_ranks(size: int, function: Callable[[ThreadCommunicator], Any], timeout: float = 60.0) -> list[Any]:
     """Run ``function(comm)`` on ``size`` ranks, one thread each; its return values in rank order. An exception on
     any rank fails the others' pending collectives and is raised here (the lowest rank's first)."""
-    exchange = _Exchange(size, timeout)
+    exchange = Exchange(size, timeout)
     results: list[Any] = [None] * size
     errors: list[BaseException | None] = [None] * size
 

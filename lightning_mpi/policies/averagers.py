@@ -51,6 +51,7 @@ class ModelBuckets:
         return [bucket.pack().clone() for bucket in self.all()]
 
     def load(self, values: list[Tensor]) -> None:
+        """Put :meth:`values` back into the module's tensors."""
         for bucket, saved in zip(self.all(), values):
             bucket.flat.copy_(saved)
             bucket.unpack()
