@@ -268,7 +268,3 @@ def main(cfg: DictConfig) -> None:
     result = run(cfg)
     # Hydra's job logging: rank 0's console and the job's log; ranks > 0 their own <job>.rank<r>.log
     logging.getLogger(__name__).info(summary(result, job_output_dir(cfg)))
-
-
-if __name__ == "__main__":
-    main()

@@ -702,7 +702,3 @@ def main(cfg: DictConfig) -> None:
                 logging.getLogger(__name__).info(summary(json.loads((out / RESULTS).read_text()), out))
         return
     logging.getLogger(__name__).info(summary(drive(cfg), out))
-
-
-if __name__ == "__main__":
-    main()
