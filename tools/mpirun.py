@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from tools.bounded import run_bounded
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,25 +67,7 @@ def run_mpi(
     mpirun, flavour = launcher()
     oversubscribe = ["--oversubscribe"] if flavour == "openmpi" else []  # MPICH oversubscribes anyway
     cmd = [mpirun, "-n", str(n), *oversubscribe, *(mpirun_args or []), sys.executable, *argv]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=cwd or ROOT,
-        env=mpi_env(env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # mpirun and every rank: nothing may outlive the test
-        out, err = proc.communicate()
-        raise AssertionError(
-            f"mpirun -n {n} {' '.join(argv)} did not finish within {timeout} s\n"
-            f"--- stdout ---\n{out}\n--- stderr ---\n{err}"
-        ) from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_bounded(cmd, timeout, cwd=cwd or ROOT, env=mpi_env(env), what=f"mpirun -n {n} {' '.join(argv)}")
 
 
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -33,6 +33,8 @@ from pathlib import Path
 
 from typing_extensions import Self
 
+from tools.bounded import run_bounded
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("srun", "sbatch", "squeue", "scontrol", "sinfo", "scancel")
 #: where Debian (and most distributions) keep Slurm's plugins
@@ -297,29 +299,13 @@ class SlurmCluster:
     ) -> subprocess.CompletedProcess:
         """Run a command (``srun ...``, ``sbatch ...``) against this cluster, killed with its process group after
         ``timeout`` seconds (then the test fails with what it printed)."""
-        proc = subprocess.Popen(
-            list(argv),
-            env={**self.env, **(env or {})},
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # srun (or sbatch, a sweep) and its children
-            out, err = proc.communicate()
-            if argv[0] != "scancel":
-                self.cancel_all()  # their jobs would hold the node's CPUs until their time limit
-            raise AssertionError(
-                f"{' '.join(argv)} did not finish within {timeout} s\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
-            ) from None
-        result = subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
+        # a timed-out srun's (or sbatch's, a sweep's) jobs would hold the node's CPUs until their time limit
+        cancel = None if argv[0] == "scancel" else self.cancel_all
+        result = run_bounded(argv, timeout, cwd=cwd, env={**self.env, **(env or {})}, on_timeout=cancel)
         if check and result.returncode != 0:
             raise AssertionError(
-                f"{' '.join(argv)} exited with {result.returncode}\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
+                f"{' '.join(argv)} exited with {result.returncode}\n--- stdout ---\n{result.stdout}\n--- stderr ---\n"
+                f"{result.stderr}"
             )
         return result
 
