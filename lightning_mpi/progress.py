@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch import Tensor
 from typing_extensions import override
 
@@ -42,33 +40,12 @@ class EpochLines(TQDMProgressBar):
         self._epoch_started = 0.0
         self._last_line = 0.0
 
-    def _silent(self, make: Callable[[], Tqdm]) -> Tqdm:
-        """A bar made by Lightning's ``init_*_tqdm``, disabled: it would redraw one terminal line."""
-        enabled, self._enabled = self._enabled, False
-        try:
-            return make()
-        finally:
-            self._enabled = enabled
-
+    @property
     @override
-    def init_sanity_tqdm(self) -> Tqdm:
-        return self._silent(super().init_sanity_tqdm)
-
-    @override
-    def init_train_tqdm(self) -> Tqdm:
-        return self._silent(super().init_train_tqdm)
-
-    @override
-    def init_validation_tqdm(self) -> Tqdm:
-        return self._silent(super().init_validation_tqdm)
-
-    @override
-    def init_test_tqdm(self) -> Tqdm:
-        return self._silent(super().init_test_tqdm)
-
-    @override
-    def init_predict_tqdm(self) -> Tqdm:
-        return self._silent(super().init_predict_tqdm)
+    def is_disabled(self) -> bool:
+        # What Lightning's init_*_tqdm give their bars as ``disable``: they count but never draw (they would redraw
+        # one terminal line), while the callback itself stays enabled (``is_enabled``: self.print, the lines).
+        return True
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
