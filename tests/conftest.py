@@ -19,3 +19,9 @@ def suite_launches(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], 
         return launches[world]
 
     return launch
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+def suite_launch(request: pytest.FixtureRequest, suite_launches: Callable[[int], Launch]) -> Launch:
+    """The suite's launch on 2 ranks, then on 3: a test taking it runs at both world sizes."""
+    return suite_launches(request.param)

@@ -72,9 +72,9 @@ def results(launched: Launch) -> dict[str, list[dict]]:
     return {case: launched.results(case) for case in CASES}
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
-def trained(request, suite_launches) -> tuple[int, dict[str, list[dict]]]:
-    return request.param, results(suite_launches(request.param))
+@pytest.fixture(scope="module")
+def trained(suite_launch: Launch) -> tuple[int, dict[str, list[dict]]]:
+    return suite_launch.world, results(suite_launch)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -20,7 +20,6 @@ from lightning_mpi import MPIStrategy
 from lightning_mpi.comm import world
 from lightning_mpi.policies import ParameterAveraging
 from tests.helpers import BATCH, build, quiet_trainer, regression_data, save_rank_results
-from tests.mpirun import Launch
 
 SYNCS = 3
 NESTEROV = functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True)
@@ -89,11 +88,6 @@ def main(out: Path) -> None:
 pytestmark = pytest.mark.mpi
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
-def launched(request, suite_launches) -> Launch:
-    return suite_launches(request.param)
-
-
 def mean_of(members: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     return [torch.stack(ps).mean(0) for ps in zip(*members)]
 
@@ -113,15 +107,15 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b))
 
 
-def test_outer_sgd_with_rate_one_is_plain_averaging(launched):
-    for rank in launched.results("diloco"):
+def test_outer_sgd_with_rate_one_is_plain_averaging(suite_launch):
+    for rank in suite_launch.results("diloco"):
         run = rank["plain_sgd"]
         for sync in range(SYNCS):
             assert max_diff(run["after"][sync], mean_of(run["members"][sync])) <= 1e-6
 
 
-def test_nesterov_outer_steps_equal_the_hand_computed_ones(launched):
-    ranks = launched.results("diloco")
+def test_nesterov_outer_steps_equal_the_hand_computed_ones(suite_launch):
+    ranks = suite_launch.results("diloco")
     for rank in ranks:
         run = rank["nesterov"]
         expected = nesterov_by_hand(run["start"], run["members"])
@@ -130,8 +124,8 @@ def test_nesterov_outer_steps_equal_the_hand_computed_ones(launched):
         assert max_diff(run["after"][-1], ranks[0]["nesterov"]["after"][-1]) == 0.0  # every rank the same
 
 
-def test_half_precision_pseudo_gradients_stay_close(launched):
-    for rank in launched.results("diloco"):
+def test_half_precision_pseudo_gradients_stay_close(suite_launch):
+    for rank in suite_launch.results("diloco"):
         run = rank["bfloat16"]
         expected = nesterov_by_hand(run["start"], run["members"])
         # bfloat16 keeps 8 bits of mantissa: the changes (~0.1-1) arrive within ~0.4 %
@@ -139,8 +133,8 @@ def test_half_precision_pseudo_gradients_stay_close(launched):
         assert max_diff(run["after"][-1], expected[-1]) > 0.0  # it did travel in bfloat16
 
 
-def test_resume_equals_the_uninterrupted_run(launched):
-    for rank in launched.results("diloco"):
+def test_resume_equals_the_uninterrupted_run(suite_launch):
+    for rank in suite_launch.results("diloco"):
         assert max_diff(list(rank["full"].values()), list(rank["resumed"].values())) == 0.0
         assert rank["outer_state_keys"] == ["anchors", "optimizer"]
 

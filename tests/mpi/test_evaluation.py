@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_mpi import MPIStrategy
 from lightning_mpi.comm import world
 from tests.helpers import quiet_trainer, save_rank_results
-from tests.mpirun import Launch
 
 SAMPLES = 101  # prime: never divisible by the number of ranks
 CLASSES = 4
@@ -162,11 +161,6 @@ def main(out: Path) -> None:
 pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
-def launched(request, suite_launches) -> Launch:
-    return suite_launches(request.param)
-
-
 @pytest.fixture(scope="module")
 def reference():
     seed_everything(0)
@@ -178,45 +172,45 @@ def reference():
     return logged, model.all_errors, predictions
 
 
-def test_metrics_equal_single_process(launched, reference):
+def test_metrics_equal_single_process(suite_launch, reference):
     expected, _, _ = reference
     assert set(expected) >= {"val_acc", "val_f1", "val_mse", "val_rmse", "val_auroc", "val_loss"}
-    for rank in launched.results("metrics"):
+    for rank in suite_launch.results("metrics"):
         for name, value in expected.items():
             if name == "val_count":
                 continue
             assert rank["logged"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
-def test_every_sample_counted_once(launched):
-    for rank in launched.results("metrics"):
+def test_every_sample_counted_once(suite_launch):
+    for rank in suite_launch.results("metrics"):
         assert rank["logged"]["val_count"] == SAMPLES
 
 
-def test_cat_state_metric_gathers_every_rank(launched, reference):
+def test_cat_state_metric_gathers_every_rank(suite_launch, reference):
     _, errors, _ = reference
-    for rank in launched.results("metrics"):
+    for rank in suite_launch.results("metrics"):
         assert rank["errors"].shape == (SAMPLES,)
         assert torch.allclose(rank["errors"], errors, atol=1e-6)  # contiguous shards: even the order matches
 
 
-def test_predictions_whole_dataset_in_order_on_every_rank(launched, reference):
+def test_predictions_whole_dataset_in_order_on_every_rank(suite_launch, reference):
     _, _, predictions = reference
-    for rank in launched.results("metrics"):
+    for rank in suite_launch.results("metrics"):
         assert torch.allclose(rank["predictions"], predictions, atol=1e-6)
 
 
-def test_early_stopping_stops_all_ranks_together(launched):
-    epochs = [r["epoch"] for r in launched.results("early")]
+def test_early_stopping_stops_all_ranks_together(suite_launch):
+    epochs = [r["epoch"] for r in suite_launch.results("early")]
     assert len(set(epochs)) == 1, epochs
     assert epochs[0] < 20  # rank 0 plateaus first and stops everyone
 
 
-def test_sigterm_on_one_rank_stops_all_at_the_same_step_and_resumes(launched):
-    sigterm = launched.results("sigterm")
+def test_sigterm_on_one_rank_stops_all_at_the_same_step_and_resumes(suite_launch):
+    sigterm = suite_launch.results("sigterm")
     steps = [r["stopped_at"] for r in sigterm]
     assert steps[0] is not None and len(set(steps)) == 1, steps
-    assert "rank 1 received SIGTERM" in launched.result.stderr
+    assert "rank 1 received SIGTERM" in suite_launch.result.stderr
     assert "last.ckpt" in sigterm[0]["saved"]
     assert all(r["resumed_epoch"] == 3 for r in sigterm)
 

@@ -39,7 +39,6 @@ from tests.helpers import (
     run_scenarios,
     save_rank_results,
 )
-from tests.mpirun import Launch
 
 
 def gathered_max_diff(state: dict[str, torch.Tensor]) -> float:
@@ -508,44 +507,39 @@ def main(out: Path, names: list[str]) -> None:
 pytestmark = pytest.mark.mpi  # every test here launches several MPI ranks
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
-def launched(request, suite_launches) -> Launch:
-    return suite_launches(request.param)
-
-
 def max_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-def test_batchnorm_buffers_follow_rank_zero_like_ddp(launched):
-    for rank in launched.results("batchnorm_vs_ddp"):
+def test_batchnorm_buffers_follow_rank_zero_like_ddp(suite_launch):
+    for rank in suite_launch.results("batchnorm_vs_ddp"):
         assert rank["spread"] == 0.0, "parameters or BatchNorm statistics differ between ranks"
         assert max_diff(rank["ours"], rank["ddp"]) <= 1e-5  # parameters and running statistics equal DDP's
         for name in ("val_loss", "train_loss"):
             assert rank["logged"][name] == pytest.approx(rank["ddp_logged"][name], rel=1e-5), name
 
 
-def test_averaging_checkpoint_is_evaluated_as_the_averaged_model(launched):
-    for rank in launched.results("averaging_checkpoints"):
+def test_averaging_checkpoint_is_evaluated_as_the_averaged_model(suite_launch):
+    for rank in suite_launch.results("averaging_checkpoints"):
         assert rank["tested"] == pytest.approx(rank["expected"], rel=1e-6)
 
 
-def test_averaging_resume_from_a_checkpoint_written_during_validation_is_exact(launched):
-    for rank in launched.results("averaging_checkpoints"):
+def test_averaging_resume_from_a_checkpoint_written_during_validation_is_exact(suite_launch):
+    for rank in suite_launch.results("averaging_checkpoints"):
         assert rank["epoch"] == 4
         assert max_diff(rank["full"], rank["resumed"]) == 0.0
 
 
-def test_hard_voting_refuses_regression_outputs_on_every_rank(launched):
-    for rank in launched.results("ensemble_paths"):
+def test_hard_voting_refuses_regression_outputs_on_every_rank(suite_launch):
+    for rank in suite_launch.results("ensemble_paths"):
         assert rank["refusal"] is not None
         assert "voting='hard' combines class scores" in rank["refusal"]
         assert "voting='mean'" in rank["refusal"]
 
 
-def test_median_voting_is_the_true_median(launched):
-    world = launched.world
-    for rank in launched.results("ensemble_paths"):
+def test_median_voting_is_the_true_median(suite_launch):
+    world = suite_launch.world
+    for rank in suite_launch.results("ensemble_paths"):
         members = rank["members"]
         ordered = members.sort(dim=0).values
         middle = world // 2
@@ -553,15 +547,15 @@ def test_median_voting_is_the_true_median(launched):
         assert torch.allclose(rank["medians"], expected, atol=1e-7)
 
 
-def test_second_ensemble_fit_continues_from_the_members(launched):
-    ranks = launched.results("ensemble_paths")
+def test_second_ensemble_fit_continues_from_the_members(suite_launch):
+    ranks = suite_launch.results("ensemble_paths")
     for rank in ranks:
         assert torch.equal(rank["second_start"], rank["after_first"])
     assert not torch.equal(ranks[0]["after_first"], ranks[1]["after_first"]), "members should differ"
 
 
-def test_ensemble_combines_tuple_and_dict_outputs(launched):
-    ranks = launched.results("ensemble_paths")
+def test_ensemble_combines_tuple_and_dict_outputs(suite_launch):
+    ranks = suite_launch.results("ensemble_paths")
     own = [r["own"] for r in ranks]
     expected_main = torch.stack([o[0] for o in own]).mean(0)
     expected_double = torch.stack([o[1]["double"] for o in own]).mean(0)
@@ -573,14 +567,14 @@ def test_ensemble_combines_tuple_and_dict_outputs(launched):
         assert rank["member_outputs"][0].shape[0] == len(ranks)  # members stacked per leaf
 
 
-def test_per_step_collectives_in_evaluation_with_uneven_shards(launched):
-    world = launched.world
+def test_per_step_collectives_in_evaluation_with_uneven_shards(suite_launch):
+    world = suite_launch.world
     seed_everything(0)
     reference = StepCollectives()
     expected = quiet_trainer(devices=1, limit_val_batches=None).validate(
         reference, DataLoader(regression_data(9), batch_size=4), verbose=False
     )[0]
-    for rank in launched.results("evaluation_paths"):
+    for rank in suite_launch.results("evaluation_paths"):
         assert len(set(rank["batches"])) == 1
         assert len(rank["batches"]) == world
         assert rank["logged"]["val_count"] == 9
@@ -588,35 +582,35 @@ def test_per_step_collectives_in_evaluation_with_uneven_shards(launched):
         assert rank["logged"]["val_step_loss_epoch"] == pytest.approx(expected["val_step_loss_epoch"], rel=1e-6)
 
 
-def test_iterable_validation_dataset_is_left_to_the_user_to_shard(launched):
-    for rank in launched.results("evaluation_paths"):
+def test_iterable_validation_dataset_is_left_to_the_user_to_shard(suite_launch):
+    for rank in suite_launch.results("evaluation_paths"):
         assert rank["stream_seen"] == 10
         assert rank["streamed"]["val_count"] == 10
 
 
-def test_exception_on_every_rank_propagates_and_runs_on_exception_callbacks(launched):
-    for rank in launched.results("exceptions_everywhere"):
+def test_exception_on_every_rank_propagates_and_runs_on_exception_callbacks(suite_launch):
+    for rank in suite_launch.results("exceptions_everywhere"):
         assert rank["caught"] == "bad hyper-parameter, on every rank"
         assert rank["seen"] == ["ValueError"]
         assert rank["files"] == ["epoch=1-step=10.ckpt"]  # ModelCheckpoint(save_on_exception=True) saved once
         assert rank["steps_after"] == 2  # and the job goes on
 
 
-def test_async_checkpoint_io_writes_and_callbacks_keep_their_dict(launched):
-    for rank in launched.results("checkpoint_io"):
+def test_async_checkpoint_io_writes_and_callbacks_keep_their_dict(suite_launch):
+    for rank in suite_launch.results("checkpoint_io"):
         assert rank["files"] == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt"]
         assert max_diff(rank["loaded"], rank["model"]) == 0.0
         assert "lightning_mpi" not in rank["keys_seen"]
 
 
-def test_lazy_modules_are_identical_on_every_rank(launched):
-    for rank in launched.results("lazy_and_sparse"):
+def test_lazy_modules_are_identical_on_every_rank(suite_launch):
+    for rank in suite_launch.results("lazy_and_sparse"):
         assert rank["lazy_spread"] == 0.0
         assert all(torch.isfinite(v).all() for v in rank["lazy"].values())
 
 
-def test_sparse_gradients_stay_sparse_and_equal_one_process(launched):
-    world = launched.world
+def test_sparse_gradients_stay_sparse_and_equal_one_process(suite_launch):
+    world = suite_launch.world
     seed_everything(0)
     reference = SparseEmbedding()
     data = token_data(SPARSE_STEPS * BATCH * world)
@@ -624,7 +618,7 @@ def test_sparse_gradients_stay_sparse_and_equal_one_process(launched):
     quiet_trainer(devices=1, max_steps=SPARSE_STEPS).fit(
         reference, DataLoader(data, batch_size=world * BATCH, sampler=FixedOrder(order))
     )
-    for rank in launched.results("lazy_and_sparse"):
+    for rank in suite_launch.results("lazy_and_sparse"):
         assert rank["sparse_seen"]
         assert all(rank["sparse_seen"])
         assert max_diff(rank["sparse"], reference.state_dict()) <= 1e-5
@@ -647,11 +641,11 @@ def uneven_reference(world: int) -> tuple[dict, float]:
     return model.state_dict(), float(trainer.callback_metrics["val_loss"])
 
 
-def test_uneven_inputs_are_bridged_and_equal_one_process(launched):
-    world = launched.world
+def test_uneven_inputs_are_bridged_and_equal_one_process(suite_launch):
+    world = suite_launch.world
     expected, expected_val = uneven_reference(world)
     steps = UNEVEN_EPOCHS * (3 + world - 1)  # the longest shard sets the pace
-    for rank in launched.results("uneven_inputs"):
+    for rank in suite_launch.results("uneven_inputs"):
         for loader in ("sized", "stream"):
             run = rank[loader]
             assert run["steps"] == [steps] * world, f"{loader}: ranks ended at different steps"
@@ -661,8 +655,8 @@ def test_uneven_inputs_are_bridged_and_equal_one_process(launched):
         assert rank["average_spread"] == 0.0
 
 
-def test_uneven_inputs_that_cannot_be_bridged_fail_on_every_rank(launched):
-    for rank in launched.results("uneven_inputs"):
+def test_uneven_inputs_that_cannot_be_bridged_fail_on_every_rank(suite_launch):
+    for rank in suite_launch.results("uneven_inputs"):
         assert rank["step_collective"].startswith("Uneven inputs: ranks [0")
         assert "The ranks called different collectives here" in rank["step_collective"]
         assert "Under manual optimization" in rank["manual"]
