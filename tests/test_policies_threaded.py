@@ -45,6 +45,7 @@ def test_collectives_give_what_mpi_gives(size: int) -> None:
         assert comm.allreduce_(torch.tensor([r + 1.0]), "sum").item() == n * (n + 1) / 2
         assert comm.allreduce_(torch.tensor([r + 1.0]), "mean").item() == (n + 1) / 2
         assert comm.allreduce_(torch.tensor([r]), "max").item() == n - 1
+        assert comm.allreduce_(torch.tensor([1 << r]), "bor").item() == 2**n - 1
         assert comm.broadcast_(torch.tensor([r]), root=n - 1).item() == n - 1
         gathered = comm.allgather(torch.full((r + 1,), r))  # first dimensions differ between ranks
         assert [g.tolist() for g in gathered] == [[s] * (s + 1) for s in range(n)]

@@ -13,6 +13,7 @@ the ranks share one interpreter and its cores.
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,9 @@ _REDUCE: dict[str, Callable[[Tensor], Tensor]] = {
     "min": lambda stacked: stacked.min(0).values,
     "max": lambda stacked: stacked.max(0).values,
     "product": lambda stacked: stacked.prod(0),
+    "band": lambda stacked: functools.reduce(torch.bitwise_and, stacked),
+    "bor": lambda stacked: functools.reduce(torch.bitwise_or, stacked),
+    "bxor": lambda stacked: functools.reduce(torch.bitwise_xor, stacked),
 }
 
 
@@ -81,15 +85,7 @@ class ThreadCommunicator(Communicator):
         self._sent(tensor)
         parts = self._all(tensor.detach().clone())
         with torch.no_grad():
-            if op in _REDUCE:
-                tensor.copy_(_REDUCE[op](torch.stack(parts)))
-            else:  # bitwise
-                combined = parts[0].clone()
-                for part in parts[1:]:
-                    combined = {"band": torch.bitwise_and, "bor": torch.bitwise_or, "bxor": torch.bitwise_xor}[op](
-                        combined, part
-                    )
-                tensor.copy_(combined)
+            tensor.copy_(_REDUCE[op](torch.stack(parts)))
         return tensor
 
     def broadcast_(self, tensor: Tensor, root: int = 0) -> Tensor:

@@ -43,8 +43,7 @@ class OuterStep(Averager):
 
     def attach(self, module: Module, restore: bool) -> None:
         self._params = trainable(module)
-        params = self._params
-        self._anchors = [torch.nn.Parameter(p.detach().clone(), requires_grad=False) for p in params]
+        self._anchors = [torch.nn.Parameter(p.detach().clone(), requires_grad=False) for p in self._params]
         self._optimizer = self._factory(self._anchors)
         if restore and self._pending is not None:
             with torch.no_grad():
